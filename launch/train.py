@@ -1,0 +1,205 @@
+"""Fine-tune a causal LM with ds_dynrank LoRA adapters under DeepSpeed (ZeRO 0-3).
+
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json          # 2 processes (CPU: gloo)
+    torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero3.json
+    python launch/train.py --deepspeed ds_configs/zero0.json                           # one process
+
+Everything the user can get wrong (config, model, dataset, columns) is checked before DeepSpeed starts. The loop is
+explicit: forward, engine.backward, engine.step, evaluation every --eval_interval optimizer steps and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from ds_dynrank.errors import UserInputError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), help="DeepSpeed JSON config path")
+    p.add_argument("--model", default=None, help="HF hub name, local directory or .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--dataset", default=None, help="hub name or local json/csv/parquet/dir (default: MR polarity)")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--prompt_template", default=None, help="prompt with {text}; the label name is the answer")
+    p.add_argument("--max_length", type=int, default=96, help="tokens per example, prompt and label together")
+    p.add_argument("--max_steps", type=int, default=100, help="optimizer steps (gradient-accumulation boundaries)")
+    p.add_argument("--eval_interval", type=int, default=50, help="evaluate every N optimizer steps (0: only at end)")
+    p.add_argument("--eval_samples", type=int, default=400, help="held-out examples to evaluate (0: all)")
+    p.add_argument("--eval_batch_size", type=int, default=8)
+    p.add_argument("--output_dir", default=None, help="default: runs/<timestamp>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dist_timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("max_steps", "eval_batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_interval", "eval_samples"):
+        if getattr(args, name) < 0:
+            raise UserInputError(f"--{name}: must be >= 0, got {getattr(args, name)}")
+    return args
+
+
+def prepare(args: argparse.Namespace):
+    """Every check that can fail on user input, before any process group or DeepSpeed engine exists."""
+    import torch
+    from transformers import set_seed
+
+    from ds_dynrank.config import from_ds_config, load_ds_config
+    from ds_dynrank.data import build_task
+    from ds_dynrank.dist import check_launch_env
+    from ds_dynrank.inject import inject_lora
+    from ds_dynrank.models import load_model_and_tokenizer
+
+    ds_config = load_ds_config(args.deepspeed)
+    dyn_cfg = from_ds_config(ds_config)
+    check_launch_env()
+    set_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    task = build_task(
+        tokenizer,
+        args.dataset,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        template=args.prompt_template,
+        max_length=args.max_length,
+        max_eval_samples=args.eval_samples or None,
+    )
+    adapters = inject_lora(model, dyn_cfg)
+    return ds_config, dyn_cfg, model, task, adapters
+
+
+def shared_output_dir(args: argparse.Namespace) -> Path:
+    """One directory for all ranks: rank 0's timestamp is broadcast."""
+    import torch
+
+    from ds_dynrank import dist
+
+    stamp = torch.tensor([int(datetime.now().strftime("%Y%m%d%H%M%S"))], dtype=torch.int64)
+    stamp = dist.broadcast(stamp, src=0)
+    return Path(args.output_dir or REPO / "runs" / str(stamp.item()))
+
+
+def train(args: argparse.Namespace) -> dict:
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm import tqdm
+
+    from ds_dynrank import dist, monitor, outputs
+    from ds_dynrank.data import collate_train
+    from ds_dynrank.ds_config import resolve
+    from ds_dynrank.evaluation import evaluate
+    from ds_dynrank.lora import lora_parameters
+    from ds_dynrank.zero import full_numel
+
+    ds_config, dyn_cfg, model, task, adapters = prepare(args)
+    dist.init(timeout_s=args.dist_timeout)
+    output_dir = shared_output_dir(args)
+    accel = get_accelerator()
+    bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
+    ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
+    params = lora_parameters(model)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    trainable = sum(full_numel(p) for p in params)
+
+    sampler = DistributedSampler(
+        task.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
+    )
+    loader = DataLoader(
+        task.train,
+        batch_size=engine.train_micro_batch_size_per_gpu(),
+        sampler=sampler,
+        collate_fn=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
+    )
+
+    def run_eval() -> dict[str, float]:
+        engine.eval()
+        result = evaluate(engine, task, batch_size=args.eval_batch_size, device=engine.device)
+        engine.train()
+        monitor.write(engine.monitor, monitor.scalar_events("Eval", result, engine.global_samples))
+        return result
+
+    monitor.write(engine.monitor, monitor.rank_events(adapters, 0))
+    baseline = run_eval()
+    history = [{"step": 0, **baseline}]
+    bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc="train", dynamic_ncols=True)
+    start, epoch, window_loss, window_micro = time.time(), 0, torch.zeros(1), 0
+    while engine.global_steps < args.max_steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+            engine.backward(loss)
+            at_boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            window_loss += loss.detach().float().cpu()
+            window_micro += 1
+            if not at_boundary:
+                continue
+            mean_loss = (dist.all_reduce_sum(window_loss.to(engine.device)) / (window_micro * dist.world_size())).item()
+            window_loss, window_micro = torch.zeros(1), 0
+            step, elapsed = engine.global_steps, time.time() - start
+            train_values = {"train_loss": mean_loss, "samples_per_sec": engine.global_samples / elapsed}
+            monitor.write(engine.monitor, monitor.scalar_events("Train/Samples", train_values, engine.global_samples))
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                history.append({"step": step, **run_eval()})
+            if step >= args.max_steps:
+                break
+        epoch += 1
+    bar.close()
+    final = run_eval()
+    history.append({"step": engine.global_steps, **final})
+    wall = time.time() - start
+    monitor.write(engine.monitor, monitor.rank_events(adapters, engine.global_samples))
+    metrics = {
+        "metric": "accuracy",
+        "value": final["accuracy"],
+        "baseline_value": baseline["accuracy"],
+        "eval_loss": final["eval_loss"],
+        "eval_examples": len(task.eval),
+        "steps": engine.global_steps,
+        "samples": engine.global_samples,
+        "wall_seconds": round(wall, 2),
+        "trainable_parameters": trainable,
+        "world_size": dist.world_size(),
+        "zero_stage": engine.zero_optimization_stage(),
+        "method": dyn_cfg.method,
+        "eval_history": history,
+    }
+    if dist.is_main():
+        outputs.write_json(output_dir / "metrics.json", metrics)
+        outputs.write_json(output_dir / "allocation.json", outputs.allocation(adapters))
+        print(
+            f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after {engine.global_steps} "
+            f"steps in {wall:.0f} s; outputs in {output_dir}",
+            flush=True,
+        )
+    dist.barrier()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_args(argv))
+    except UserInputError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: local model and data artefacts, and a 2-process gloo harness (file store, no ports)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from helpers import build_tiny_model_dir, sentences, write_csv  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", sentences(96))
+
+
+def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # what a launcher would export; DeepSpeed asserts on LOCAL_RANK
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size),
+        DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=180)
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def run_distributed(tmp_path):
+    """run_distributed(fn, *args, world_size=2) runs fn(rank, world_size, *args) in N gloo processes.
+
+    fn must be importable (module level). A failure in any process fails the test; the others are terminated.
+    """
+    import torch.multiprocessing as mp
+
+    def run(fn, *args, world_size: int = 2) -> None:
+        store = f"file://{tmp_path / 'store'}"
+        mp.start_processes(_worker, args=(world_size, store, fn, args), nprocs=world_size, join=True,
+                           start_method="spawn")  # fmt: skip
+
+    return run

@@ -1,0 +1,85 @@
+"""The "dynrank" section: defaults, strict validation with field-naming messages, shipped configs, README table."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ds_dynrank.config import DynRankConfig, from_ds_config, load_ds_config, schema_table
+from ds_dynrank.ds_config import resolve
+from ds_dynrank.errors import UserInputError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_plain_lora():
+    cfg = from_ds_config({})
+    assert cfg.method == "lora" and cfg.r == 8 and cfg.target_modules == "all-linear" and cfg.capacity is None
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"rank": 8}, r"dynrank\.rank: unknown key \(known keys: method, target_modules"),
+        ({"r": -4}, r"dynrank\.r: Input should be greater than or equal to 1 \(got -4\)"),
+        ({"r": "eight"}, r"dynrank\.r: Input should be a valid integer.*\(got 'eight'\)"),
+        ({"method": "l2ra"}, r"dynrank\.method: Input should be 'lora' \(got 'l2ra'\)"),
+        ({"lora_dropout": 1.0}, r"dynrank\.lora_dropout: Input should be less than 1"),
+        ({"lora_alpha": 0}, r"dynrank\.lora_alpha: Input should be greater than 0"),
+        ({"target_modules": []}, r"dynrank\.target_modules: .*must name at least one module"),
+        ({"target_modules": "q_proj("}, r"dynrank\.target_modules: .*not a valid regular expression"),
+        ({"rank_pattern": {"v_proj": 0}}, r"dynrank\.rank_pattern: .*must be > 0"),
+        ({"r": 8, "capacity": 4}, r"dynrank: .*capacity \(4\) must be >= the largest initial rank \(8\)"),
+        ({"r": 4, "rank_pattern": {"q": 12}, "capacity": 8}, r"largest initial rank \(12\)"),
+    ],
+)
+def test_bad_values_name_the_field(section, expected):
+    with pytest.raises(UserInputError, match=expected) as info:
+        from_ds_config({"dynrank": section})
+    assert "\n" not in str(info.value)
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(UserInputError, match="dynrank: expected a JSON object, got list"):
+        from_ds_config({"dynrank": [1]})
+
+
+def test_load_ds_config_errors(tmp_path):
+    with pytest.raises(UserInputError, match="--deepspeed: config file not found"):
+        load_ds_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4, "train_micro_batch_size_per_gpu": 8}')
+    with pytest.raises(UserInputError, match="duplicate key 'train_micro_batch_size_per_gpu'"):
+        load_ds_config(bad)
+    bad.write_text('{"zero_optimization": {"stage": 2')
+    with pytest.raises(UserInputError, match="is not valid JSON"):
+        load_ds_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_validate_and_resolve(path, tmp_path):
+    raw = load_ds_config(path)
+    assert isinstance(from_ds_config(raw), DynRankConfig)
+    assert raw["tensorboard"]["enabled"] is True and "dynrank" in raw
+    cpu = resolve(raw, max_steps=40, output_dir=tmp_path, bf16_supported=False)
+    gpu = resolve(raw, max_steps=40, output_dir=tmp_path, bf16_supported=True)
+    assert cpu["bf16"]["enabled"] is False and gpu["bf16"]["enabled"] is True
+    assert cpu["scheduler"]["params"]["total_num_steps"] == 40
+    assert cpu["tensorboard"]["output_path"] == str(tmp_path)
+    assert raw["bf16"]["enabled"] == "auto"  # the loaded dict itself is left as written
+    json.dumps(cpu)
+
+
+def test_unresolvable_auto_is_an_error(tmp_path):
+    with pytest.raises(UserInputError, match='cannot resolve "auto" for train_batch_size'):
+        resolve({"train_batch_size": "auto"}, max_steps=1, output_dir=tmp_path, bf16_supported=False)
+
+
+def test_readme_config_table_matches_schema():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- config-table:start -->\n(.*?)\n<!-- config-table:end -->", readme, re.S)
+    assert block, "README lacks the generated config table markers"
+    assert block.group(1).strip() == schema_table().strip(), "run `python -m ds_dynrank config-table`"
