@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ds_dynrank.errors import UserInputError
 
 SECTION = "dynrank"
-METHODS = ("lora",)
+METHODS = ("lora", "l1ra")
+DYNAMIC = ("l1ra",)
 
 
 class _Section(BaseModel):
@@ -31,9 +32,66 @@ def _check_regex(pattern: str, field: str) -> None:
         raise ValueError(f"{field}: {pattern!r} is not a valid regular expression ({err})") from None
 
 
+class ScheduleConfig(_Section):
+    start: int | None = Field(None, ge=1)
+    """First re-allocation event, in optimizer steps. Default: one interval into the run."""
+
+    interval: int | None = Field(None, ge=1)
+    """Optimizer steps between events. Default: the method's own (L1RA: 5% of --max_steps, its paper's
+    rank_update_ratio)."""
+
+    stop: int | None = Field(None, ge=1)
+    """Last step at which an event may fire. Default: the step before the last."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScheduleConfig:
+        if self.start is not None and self.stop is not None and self.start > self.stop:
+            raise ValueError(f"start ({self.start}) must be <= stop ({self.stop})")
+        return self
+
+
+class BudgetConfig(_Section):
+    unit: Literal["rank", "params"] = "rank"
+    """What the budget counts: total rank over all modules (L1RA's sum of r), or total adapter parameters (a rank
+    of a module costs in_features + out_features, so a wide MLP projection costs more than k_proj)."""
+
+    floor: int = Field(1, ge=0)
+    """Smallest rank any module keeps."""
+
+    cap: int | None = Field(None, ge=1)
+    """Largest rank any module may reach. Default: the module's capacity (masked backend) or 4 x its initial rank
+    (physical backend)."""
+
+
+class ReshapeConfig(_Section):
+    backend: Literal["masked", "physical"] = "masked"
+    """`masked`: fixed capacity per module, slots killed and revived in place (fast). `physical`: tensors really
+    change shape; pruned ranks free memory and a module can grow past its initial size."""
+
+
+class L1RAConfig(_Section):
+    l1_lambda: float = Field(0.005, ge=0)
+    """L1 strength on the gates, applied as a proximal step decoupled from Adam (paper configs: 0.005)."""
+
+    gate_lr: float = Field(0.02, gt=0)
+    """Constant learning rate of the gate vectors, for Adam and for the proximal step (paper configs: 0.02)."""
+
+    threshold: float | None = Field(None, ge=0)
+    """A live rank whose gate is below this is pruned at an event. Default: gate_lr x l1_lambda + 1e-6, i.e.
+    less than one L1 step from zero (the reference code's rule)."""
+
+    exclude_pruned: bool = True
+    """Freed ranks go first to modules that pruned nothing in this event (the reference code's rule)."""
+
+    @property
+    def prune_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else self.gate_lr * self.l1_lambda + 1e-6
+
+
 class DynRankConfig(_Section):
-    method: Literal["lora"] = "lora"
-    """Adaptation method. `lora`: fixed-rank LoRA (the baseline every dynamic method is measured against)."""
+    method: Literal["lora", "l1ra"] = "lora"
+    """Adaptation method. `lora`: fixed-rank LoRA (the baseline every dynamic method is measured against).
+    `l1ra`: gates under an L1 penalty, ranks whose gate reaches zero pruned and re-assigned (arXiv 2509.04884)."""
 
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt: `"all-linear"` (every Linear/Conv1D but the output head), a list of names (exact or
@@ -66,12 +124,43 @@ class DynRankConfig(_Section):
     """Init of A (B is always 0, so training starts from the base model): `kaiming` as PEFT's default
     (Kaiming-uniform, a=sqrt(5)), `gaussian` as N(0, 1/r)."""
 
-    gate: bool = False
-    """Put a trainable gate vector between A and B: `B diag(gate) A` (L1RA's parametrisation), initialised to 1."""
+    gate: bool | None = None
+    """Put a trainable gate vector between A and B: `B diag(gate) A`, initialised to 1. Default: on for `l1ra`
+    (which needs it), off otherwise."""
 
     capacity: int | None = Field(None, ge=1)
-    """Slots allocated per module (the most rank a module can hold without a physical reshape). Default: the
-    module's initial rank. Slots beyond the initial rank start masked off."""
+    """Slots allocated per module under the masked backend (the most rank a module can hold). Default: 2 x the
+    module's initial rank for dynamic methods, the initial rank for `lora`. Slots beyond the initial rank start
+    masked off."""
+
+    seed: int = 0
+    """Seed of the generator that initialises re-born slots: the same on every rank, so all ranks agree."""
+
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """When re-allocation events fire (dynamic methods)."""
+
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    """What is conserved across events, and per-module bounds (dynamic methods)."""
+
+    reshape: ReshapeConfig = Field(default_factory=ReshapeConfig)
+    """How a decision is applied to parameters, fp32 masters and Adam moments (dynamic methods)."""
+
+    l1ra: L1RAConfig = Field(default_factory=L1RAConfig)
+    """L1RA's knobs (method `l1ra`)."""
+
+    @property
+    def dynamic(self) -> bool:
+        return self.method in DYNAMIC
+
+    @property
+    def use_gate(self) -> bool:
+        return self.gate if self.gate is not None else self.method == "l1ra"
+
+    def slot_capacity(self, rank: int) -> int:
+        """Slots a module with this initial rank is built with."""
+        if self.capacity is not None:
+            return max(self.capacity, rank)
+        return 2 * rank if self.dynamic and self.reshape.backend == "masked" else rank
 
     @field_validator("target_modules")
     @classmethod
@@ -95,10 +184,28 @@ class DynRankConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _capacity_holds_initial_ranks(self) -> DynRankConfig:
-        largest = max([self.r, *self.rank_pattern.values()])
-        if self.capacity is not None and self.capacity < largest:
-            raise ValueError(f"capacity ({self.capacity}) must be >= the largest initial rank ({largest})")
+    def _consistent(self) -> DynRankConfig:
+        ranks = [self.r, *self.rank_pattern.values()]
+        if self.capacity is not None and self.capacity < max(ranks):
+            raise ValueError(f"capacity ({self.capacity}) must be >= the largest initial rank ({max(ranks)})")
+        if self.method == "l1ra" and self.gate is False:
+            raise ValueError("gate: method l1ra needs gate: true (or leave gate unset)")
+        masked = self.reshape.backend == "masked"
+        if self.dynamic and masked and self.capacity is not None and self.capacity <= min(ranks):
+            raise ValueError(
+                f"capacity ({self.capacity}) leaves no free slot to grow into under the masked backend; "
+                f"use capacity > {min(ranks)} or reshape.backend: physical"
+            )
+        if self.budget.floor > min(ranks):
+            raise ValueError(f"budget.floor ({self.budget.floor}) exceeds the smallest initial rank ({min(ranks)})")
+        if self.budget.cap is not None and self.budget.cap < max(ranks):
+            raise ValueError(f"budget.cap ({self.budget.cap}) is below the largest initial rank ({max(ranks)})")
+        if not self.dynamic:
+            stray = [k for k in ("schedule", "budget", "reshape", "l1ra") if k in self.model_fields_set]
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: only used by a dynamic method, but method is {self.method!r}")
+        elif "l1ra" in self.model_fields_set and self.method != "l1ra":
+            raise ValueError(f"l1ra: only used by method l1ra, but method is {self.method!r}")
         return self
 
 
@@ -159,11 +266,15 @@ def _type_name(annotation: Any) -> str:
     return text or str(annotation).replace("typing.", "")
 
 
-def schema_table(model: type[BaseModel] = None, prefix: str = "") -> str:
+def schema_table(model: type[BaseModel] | None = None, prefix: str = "") -> str:
     """The README's config table, generated from the schema so the two never drift apart."""
     model = model or DynRankConfig
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"] if not prefix else []
     for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            rows.append(f"| `{prefix}{name}` | object | | {' '.join((field.description or '').split())} |")
+            rows.append(schema_table(field.annotation, f"{prefix}{name}."))
+            continue
         default = field.default_factory() if field.default_factory else field.default
         doc = " ".join((field.description or "").split())
         kind = _type_name(field.annotation).replace("|", "\\|")

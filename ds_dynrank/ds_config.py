@@ -25,7 +25,7 @@ def resolve(ds_config: dict[str, Any], *, max_steps: int, output_dir: Path, bf16
             params[key] = max_steps if key == "total_num_steps" else max(1, max_steps // 10)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
-        raise UserInputError(f"--deepspeed: cannot resolve \"auto\" for {', '.join(leftover)}; give a value")
+        raise UserInputError(f'--deepspeed: cannot resolve "auto" for {", ".join(leftover)}; give a value')
     tb = cfg.get("tensorboard")
     if isinstance(tb, dict) and tb.get("enabled"):
         tb["output_path"] = str(output_dir)

@@ -62,10 +62,10 @@ def inject_lora(model: nn.Module, cfg: DynRankConfig) -> list[tuple[str, LoRALin
         layer = LoRALinear(
             getattr(parent, child),
             rank=rank,
-            capacity=max(cfg.capacity or rank, rank),
+            capacity=cfg.slot_capacity(rank),
             alpha=_pattern_value(name, cfg.alpha_pattern, cfg.lora_alpha),
             dropout=cfg.lora_dropout,
-            gate=cfg.gate,
+            gate=cfg.use_gate,
             use_rslora=cfg.use_rslora,
             init=cfg.init_lora_weights,
         )

@@ -61,30 +61,44 @@ class LoRALinear(nn.Module):
         self.lora_gate = nn.Parameter(torch.ones(capacity, dtype=weight.dtype, device=weight.device)) if gate else None
         mask = (torch.arange(capacity, device=weight.device) < rank).to(weight.dtype)
         self.register_buffer("rank_mask", mask)
-        self.reset_slots(torch.arange(capacity))
+        with torch.no_grad():  # slots beyond the initial rank start dead: exactly zero until born
+            self.lora_A.zero_()
+            if self.lora_gate is not None:
+                self.lora_gate.zero_()
+        self.reset_slots(torch.arange(rank))
 
     @property
     def capacity(self) -> int:
-        return self.lora_A.shape[0]
+        return self.rank_mask.numel()  # buffers are never partitioned; lora_A is empty on a ZeRO-3 rank
 
     @property
     def rank(self) -> int:
         """Live rank: the number of unmasked slots."""
         return int(self.rank_mask.sum().item())
 
+    def init_rows(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`n` fresh fp32 rows of A on the CPU, by this layer's init law (the same draws on every rank for a
+        shared generator)."""
+        rows = torch.empty(n, self.in_features, dtype=torch.float32)
+        if self.init == "gaussian":
+            return rows.normal_(0.0, 1.0 / self.init_rank, generator=generator)
+        bound = 1.0 / math.sqrt(self.in_features)  # PEFT's kaiming_uniform_(a=sqrt(5)) on [R, I]: U(-b, b)
+        return rows.uniform_(-bound, bound, generator=generator)
+
     @torch.no_grad()
     def reset_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Fresh A rows, zero B columns, unit gates for `slots`: a function-preserving (re)birth."""
-        rows = torch.empty(len(slots), self.in_features, dtype=torch.float32)
-        if self.init == "gaussian":
-            rows.normal_(0.0, 1.0 / self.init_rank, generator=generator)
-        else:  # PEFT's default: kaiming_uniform_(a=sqrt(5)) on an [R, I] weight -> U(-1/sqrt(I), 1/sqrt(I))
-            bound = 1.0 / math.sqrt(self.in_features)
-            rows.uniform_(-bound, bound, generator=generator)
-        self.lora_A[slots] = rows.to(self.lora_A.dtype).to(self.lora_A.device)
+        self.lora_A[slots] = self.init_rows(len(slots), generator).to(self.lora_A.dtype).to(self.lora_A.device)
         self.lora_B[:, slots] = 0
         if self.lora_gate is not None:
             self.lora_gate[slots] = 1
+
+    def live_slots(self) -> list[int]:
+        return torch.nonzero(self.rank_mask).flatten().tolist()
+
+    def rank_cost(self) -> int:
+        """Parameters one rank of this module costs (a row of A, a column of B, a gate entry)."""
+        return self.in_features + self.out_features + (1 if self.lora_gate is not None else 0)
 
     def slot_weights(self) -> torch.Tensor:
         """diag(gate * rank_mask) as a vector [R]."""

@@ -32,9 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label_column", default="label")
     p.add_argument("--prompt_template", default=None, help="prompt with {text}; the label name is the answer")
     p.add_argument("--max_length", type=int, default=96, help="tokens per example, prompt and label together")
-    p.add_argument("--max_steps", type=int, default=100, help="optimizer steps (gradient-accumulation boundaries)")
-    p.add_argument("--eval_interval", type=int, default=50, help="evaluate every N optimizer steps (0: only at end)")
-    p.add_argument("--eval_samples", type=int, default=400, help="held-out examples to evaluate (0: all)")
+    p.add_argument("--max_steps", type=int, default=60, help="optimizer steps (gradient-accumulation boundaries)")
+    p.add_argument("--eval_interval", type=int, default=30, help="evaluate every N optimizer steps (0: only at end)")
+    p.add_argument("--eval_samples", type=int, default=300, help="held-out examples to evaluate (0: all)")
     p.add_argument("--eval_batch_size", type=int, default=8)
     p.add_argument("--output_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +101,7 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.data import collate_train
     from ds_dynrank.ds_config import resolve
     from ds_dynrank.evaluation import evaluate
+    from ds_dynrank.hook import DynRank, optimizer_groups
     from ds_dynrank.lora import lora_parameters
     from ds_dynrank.zero import full_numel
 
@@ -108,11 +109,15 @@ def train(args: argparse.Namespace) -> dict:
     dist.init(timeout_s=args.dist_timeout)
     output_dir = shared_output_dir(args)
     accel = get_accelerator()
+    if accel.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # one share of the cores per process
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", dist.world_size())))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
-    params = lora_parameters(model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-    trainable = sum(full_numel(p) for p in params)
+    groups = optimizer_groups(dyn_cfg, adapters)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    trainable = sum(full_numel(p) for p in lora_parameters(model))
+    dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir)
 
     sampler = DistributedSampler(
         task.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
@@ -131,7 +136,6 @@ def train(args: argparse.Namespace) -> dict:
         monitor.write(engine.monitor, monitor.scalar_events("Eval", result, engine.global_samples))
         return result
 
-    monitor.write(engine.monitor, monitor.rank_events(adapters, 0))
     baseline = run_eval()
     history = [{"step": 0, **baseline}]
     bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc="train", dynamic_ncols=True)
@@ -140,9 +144,13 @@ def train(args: argparse.Namespace) -> dict:
         sampler.set_epoch(epoch)
         for batch in loader:
             loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-            engine.backward(loss)
+            engine.backward(loss + dynrank.penalty())
             at_boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
+            event = dynrank.after_step()  # collective; re-allocates when the schedule says so
+            if event:
+                bar.write(f"step {event['step']}: re-allocated {event['slots_changed']} slots, "
+                          f"budget {event['budget']} {event['budget_unit']}")  # fmt: skip
             window_loss += loss.detach().float().cpu()
             window_micro += 1
             if not at_boundary:
@@ -163,7 +171,6 @@ def train(args: argparse.Namespace) -> dict:
     final = run_eval()
     history.append({"step": engine.global_steps, **final})
     wall = time.time() - start
-    monitor.write(engine.monitor, monitor.rank_events(adapters, engine.global_samples))
     metrics = {
         "metric": "accuracy",
         "value": final["accuracy"],
@@ -177,11 +184,13 @@ def train(args: argparse.Namespace) -> dict:
         "world_size": dist.world_size(),
         "zero_stage": engine.zero_optimization_stage(),
         "method": dyn_cfg.method,
+        "reallocation_events": len(dynrank.history) - 1,
+        "final_budget": dynrank.budget_in_use(),
+        "budget_unit": dynrank.bounds.unit,
         "eval_history": history,
     }
     if dist.is_main():
         outputs.write_json(output_dir / "metrics.json", metrics)
-        outputs.write_json(output_dir / "allocation.json", outputs.allocation(adapters))
         print(
             f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after {engine.global_steps} "
             f"steps in {wall:.0f} s; outputs in {output_dir}",

@@ -37,9 +37,7 @@ def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
         DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
     )  # fmt: skip
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=180)
-    )
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=180))
     try:
         fn(rank, world_size, *args)
     finally:

@@ -6,7 +6,18 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ds_dynrank"
-PURE = {"config.py", "errors.py", "data.py", "outputs.py", "monitor.py", "ds_config.py", "lora.py", "inject.py"}
+PURE = {
+    "config.py",
+    "errors.py",
+    "data.py",
+    "outputs.py",
+    "monitor.py",
+    "ds_config.py",
+    "lora.py",
+    "inject.py",
+    "allocation.py",
+    "schedule.py",
+}
 OWNERS = {"torch.distributed": {"dist.py"}, "deepspeed.comm": {"dist.py"}, "deepspeed.utils": {"zero.py"},
           "deepspeed.runtime": {"zero.py"}, "deepspeed.zero": {"zero.py"}}  # fmt: skip
 

@@ -100,11 +100,15 @@ def test_equivalent_to_peft_lora_on_gpt2_conv1d():
 
     def gpt2():
         torch.manual_seed(2)
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         return GPT2LMHeadModel(config).eval()
 
     peft_kwargs = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
-    reference, model = _peft_pair(gpt2, peft_kwargs, DynRankConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    reference, model = _peft_pair(
+        gpt2, peft_kwargs, DynRankConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
+    )
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,130 @@
+"""DynRank: the engine hook. Call `after_step()` after every `engine.step()`; it does the rest, collectively.
+
+Per applied optimizer step: the method's per-step work (L1RA's proximal step). When the schedule says so:
+local scores -> one all-reduce -> rank 0 decides (pure) -> one broadcast -> every rank applies the plan in the
+same module order -> checksums compared across ranks -> TensorBoard and allocation_history.json.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ds_dynrank import dist, monitor, outputs
+from ds_dynrank.allocation import Plan, budget_used
+from ds_dynrank.config import DynRankConfig
+from ds_dynrank.methods import build_method
+from ds_dynrank.methods.base import Adapters, Bounds
+from ds_dynrank.reshape import apply_plan
+from ds_dynrank.schedule import resolve_schedule
+from ds_dynrank.zero import StateIO
+
+
+class AllocationMismatchError(RuntimeError):
+    """Ranks hold different allocations after an event: continuing would silently train different models."""
+
+
+def optimizer_groups(cfg: DynRankConfig, adapters: Adapters) -> list[dict]:
+    """The `model_parameters` to hand to deepspeed.initialize (methods may need their own groups)."""
+    return build_method(cfg).optimizer_groups(adapters)
+
+
+class DynRank:
+    def __init__(self, engine, cfg: DynRankConfig, adapters: Adapters, *, total_steps: int,
+                 output_dir: Path | None = None) -> None:  # fmt: skip
+        self.engine, self.cfg, self.adapters, self.output_dir = engine, cfg, adapters, output_dir
+        self.method = build_method(cfg)
+        s = cfg.schedule
+        self.schedule = resolve_schedule(s.start, s.interval, s.stop, total_steps=total_steps,
+                                         interval_ratio=self.method.interval_ratio)  # fmt: skip
+        self.io = StateIO(engine)
+        self.applied_steps = 0
+        self._seen_global_steps = engine.global_steps
+        physical = cfg.reshape.backend == "physical"
+        self.bounds = Bounds(
+            floor=cfg.budget.floor,
+            cap_M=[cfg.budget.cap or (4 * layer.init_rank if physical else layer.capacity) for _, layer in adapters],
+            cost_M=[layer.rank_cost() for _, layer in adapters],
+            unit=cfg.budget.unit,
+        )
+        self.budget = self.budget_in_use()
+        self.history: list[dict] = []
+        self.method.on_attach(engine)
+        self._record(step=0, slots_changed=0, seconds=0.0)
+
+    def ranks(self) -> list[int]:
+        return [layer.rank for _, layer in self.adapters]
+
+    def budget_in_use(self) -> int:
+        return budget_used(self.ranks(), self.bounds.cost_M, self.bounds.unit)
+
+    def penalty(self) -> torch.Tensor | float:
+        """Loss term added before backward (0: L1RA's L1 is a decoupled proximal step)."""
+        return 0.0
+
+    def after_step(self) -> dict | None:
+        """Call after every engine.step(). Does nothing mid-accumulation or after a skipped (overflow) step."""
+        if self.engine.global_steps == self._seen_global_steps:
+            return None  # not a gradient-accumulation boundary
+        self._seen_global_steps = self.engine.global_steps
+        if not self.engine.was_step_applied():
+            return None  # fp16 overflow: DeepSpeed skipped the update, so it is not a step for us either
+        self.applied_steps += 1
+        self.method.after_optimizer_step(self.engine, self.io, self.adapters)
+        if self.cfg.dynamic and self.schedule.due(self.applied_steps):
+            return self.reallocate()
+        return None
+
+    def reallocate(self, plan: Plan | None = None) -> dict:
+        """One collective event. `plan` forces a decision (tests); otherwise the method takes it on rank 0."""
+        start = time.perf_counter()
+        live = [layer.live_slots() for _, layer in self.adapters]
+        capacity_M = [layer.capacity for _, layer in self.adapters]
+        scores = self.method.local_scores(self.io, self.adapters).float().to(self.engine.device)
+        scores = (dist.all_reduce_sum(scores) / dist.world_size()).cpu()
+        if plan is None and not torch.isfinite(scores).all():
+            warnings.warn(f"dynrank: non-finite scores at step {self.applied_steps}; event skipped", stacklevel=2)
+            return {}
+        if dist.is_main():
+            decided = plan or self.method.decide(scores, self.adapters, self.bounds)
+            encoded = decided.encode(capacity_M)
+        else:
+            encoded = torch.zeros(sum(capacity_M) + len(capacity_M), dtype=torch.int64)
+        plan = Plan.decode(dist.broadcast(encoded.to(self.engine.device), src=0).cpu(), capacity_M)
+        changed_slots = plan.slots_changed(live)
+        apply_plan(plan, self.adapters, self.io, backend=self.cfg.reshape.backend, seed=self.cfg.seed,
+                   step=self.applied_steps)  # fmt: skip
+        self.check_consistent()
+        return self._record(self.applied_steps, changed_slots, time.perf_counter() - start)
+
+    def check_consistent(self) -> None:
+        """Compare a digest of the applied allocation across ranks; stop the run on any difference."""
+        applied = Plan(keep=tuple(tuple(layer.live_slots()) for _, layer in self.adapters),
+                       grow=tuple(0 for _ in self.adapters))  # fmt: skip
+        mine = torch.tensor([applied.checksum()], dtype=torch.int64, device=self.engine.device)
+        every = [int(t.item()) for t in dist.all_gather(mine)]
+        if len(set(every)) > 1:
+            raise AllocationMismatchError(
+                f"dynrank: ranks disagree on the allocation after step {self.applied_steps} "
+                f"(checksums by rank: {every}); stopping rather than training different models"
+            )
+
+    def _record(self, step: int, slots_changed: int, seconds: float) -> dict:
+        ranks = {name: layer.rank for name, layer in self.adapters}
+        entry = {"step": step, "ranks": ranks, "budget": self.budget_in_use(), "budget_unit": self.bounds.unit,
+                 "slots_changed": slots_changed, "seconds": round(seconds, 4)}  # fmt: skip
+        self.history.append(entry)
+        x = self.engine.global_samples
+        events = monitor.rank_events(self.adapters, x) + [
+            ("DynRank/budget/used", float(entry["budget"]), x),
+            ("DynRank/budget/target", float(self.budget), x),
+            ("DynRank/slots_changed", float(slots_changed), x),
+        ]
+        monitor.write(self.engine.monitor, events)
+        if self.output_dir is not None and dist.is_main():
+            outputs.write_json(self.output_dir / "allocation_history.json", self.history)
+            outputs.write_json(self.output_dir / "allocation.json", ranks)
+        return entry

@@ -1,0 +1,60 @@
+"""Bad input fails in seconds with one clear line (field and expectation), exit code 2, no traceback, and nothing
+written: no training started."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from helpers import PYTHON, REPO, subprocess_env
+
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def _config(tmp_path, **dynrank) -> str:
+    cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    cfg["dynrank"].update(dynrank)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+CASES = {
+    "typo": (lambda tmp, m, d: ["--deepspeed", _config(tmp, lora_rank=4), "--model", m, "--dataset", d],
+             r"^error: dynrank\.lora_rank: unknown key \(known keys: method, target_modules, .*\)$"),
+    "negative_rank": (lambda tmp, m, d: ["--deepspeed", _config(tmp, r=-2), "--model", m, "--dataset", d],
+                      r"^error: dynrank\.r: Input should be greater than or equal to 1 \(got -2\)$"),
+    "missing_model": (lambda tmp, m, d: ["--model", str(tmp / "no_such_model"), "--dataset", d],
+                      r"^error: --model: local path not found: .*no_such_model$"),
+    "unknown_column": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--text_column", "review"],
+                       r"^error: --text_column: column 'review' not in the dataset \(its columns: text, label\)$"),
+    "bad_flag_value": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--max_steps", "0"],
+                       r"^error: --max_steps: must be >= 1, got 0$"),
+}  # fmt: skip
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_line(case, tiny_model_dir, tiny_csv, tmp_path):
+    make_args, pattern = CASES[case]
+    out = tmp_path / "out"
+    cmd = [PYTHON, TRAIN, *make_args(tmp_path, str(tiny_model_dir), str(tiny_csv)), "--output_dir", str(out)]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert __import__("re").match(pattern, errors[0]), errors[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists(), "a failed start must not write anything"
+
+
+@pytest.mark.e2e
+def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_path):
+    cmd = ["deepspeed", "--num_gpus", "2", TRAIN, "--deepspeed", _config(tmp_path, r=0), "--model",
+           str(tiny_model_dir), "--dataset", str(tiny_csv), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: dynrank.r: Input should be greater than or equal to 1 (got 0)"]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -1,0 +1,80 @@
+"""The real entry points with the shipped configs: the deepspeed launcher (2 processes), torchrun and plain python
+each train and write TensorBoard events, metrics.json and allocation.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import PYTHON, REPO, subprocess_env
+
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    return result
+
+
+def _job_args(config: str, model: Path, data: Path, out: Path) -> list[str]:
+    return ["--deepspeed", str(REPO / "ds_configs" / config), "--model", str(model), "--dataset", str(data),
+            "--max_steps", "6", "--eval_interval", "3", "--eval_samples", "16", "--output_dir", str(out)]  # fmt: skip
+
+
+def _tensorboard_tags(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(out.rglob("events.out.tfevents.*"))
+    assert len(files) == 1, f"expected one event file (rank 0 writes), found {files}"
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _check_outputs(out: Path, world: int, stage: int) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metric"] == "accuracy" and 0.0 <= metrics["value"] <= 1.0
+    assert metrics["steps"] == 6 and metrics["world_size"] == world and metrics["zero_stage"] == stage
+    assert metrics["samples"] == 6 * 4 * world  # optimizer steps x micro-batch x data-parallel ranks
+    # r x (in + out) per module of the tiny Llama (hidden 32, 2 of 4 heads for k/v, MLP 64), 2 layers
+    per_layer = {
+        "q": 32 + 32,
+        "k": 32 + 16,
+        "v": 32 + 16,
+        "o": 32 + 32,
+        "gate": 32 + 64,
+        "up": 32 + 64,
+        "down": 64 + 32,
+    }
+    assert metrics["trainable_parameters"] == 2 * 8 * sum(per_layer.values())
+    assert [h["step"] for h in metrics["eval_history"]] == [0, 3, 6]
+    allocation = json.loads((out / "allocation.json").read_text())
+    assert len(allocation) == 14 and set(allocation.values()) == {8}
+    tags = _tensorboard_tags(out)
+    for tag in ("Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/samples_per_sec", "Eval/accuracy",
+                "Eval/eval_loss", "DynRank/budget/rank_total"):  # fmt: skip
+        assert tag in tags, f"missing TensorBoard tag {tag}; have {sorted(tags)}"
+    assert len(tags["Train/Samples/train_loss"]) == 6
+    assert all(f"DynRank/rank/{name}" in tags for name in allocation)
+    assert tags["DynRank/budget/rank_total"][-1][1] == 14 * 8
+    return allocation
+
+
+@pytest.mark.e2e
+def test_deepspeed_launcher_two_processes_zero2(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    result = _run(["deepspeed", "--num_gpus", "2", TRAIN, *_job_args("zero2.json", tiny_model_dir, tiny_csv, out)])
+    _check_outputs(out, world=2, stage=2)
+    assert "accuracy" in result.stdout and "outputs in" in result.stdout
+
+
+@pytest.mark.e2e
+def test_torchrun_zero3_and_plain_python_zero0(tiny_model_dir, tiny_csv, tmp_path):
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29531"]
+    _run([*torchrun, TRAIN, *_job_args("zero3.json", tiny_model_dir, tiny_csv, tmp_path / "z3")])
+    z3 = _check_outputs(tmp_path / "z3", world=2, stage=3)
+    _run([PYTHON, TRAIN, *_job_args("zero0.json", tiny_model_dir, tiny_csv, tmp_path / "z0")])
+    assert _check_outputs(tmp_path / "z0", world=1, stage=0) == z3
