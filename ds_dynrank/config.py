@@ -19,6 +19,7 @@ from ds_dynrank.errors import UserInputError
 SECTION = "dynrank"
 METHODS = ("lora", "l1ra")
 DYNAMIC = ("l1ra",)
+AVAILABLE_BACKENDS = ("masked",)
 
 
 class _Section(BaseModel):
@@ -190,6 +191,11 @@ class DynRankConfig(_Section):
             raise ValueError(f"capacity ({self.capacity}) must be >= the largest initial rank ({max(ranks)})")
         if self.method == "l1ra" and self.gate is False:
             raise ValueError("gate: method l1ra needs gate: true (or leave gate unset)")
+        if self.reshape.backend not in AVAILABLE_BACKENDS:
+            raise ValueError(
+                f"reshape.backend: {self.reshape.backend!r} is not available in this version "
+                f"(available: {', '.join(AVAILABLE_BACKENDS)})"
+            )
         masked = self.reshape.backend == "masked"
         if self.dynamic and masked and self.capacity is not None and self.capacity <= min(ranks):
             raise ValueError(

@@ -22,6 +22,8 @@ from deepspeed.utils import (
 )
 from torch import nn
 
+from ds_dynrank import dist
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -45,6 +47,32 @@ def read_full_fp32(p: nn.Parameter) -> torch.Tensor:
     if full is None:  # ZeRO-0 in fp32: the module's parameter is the master
         full = p.data
     return full.detach().float().cpu().clone()
+
+
+def read_full_fp32_flat(params: list[nn.Parameter], group=None) -> torch.Tensor:
+    """Full fp32 masters of many parameters, flattened and concatenated, in ONE collective (the per-parameter
+    accessors cost one collective each). Same result as concatenating read_full_fp32 over `params`."""
+    if not params:
+        return torch.zeros(0)
+    if hasattr(params[0], "ds_id"):  # ZeRO-3: all-gather every rank's local partitions at once
+        local = torch.cat([safe_get_local_fp32_param(p).detach().float().flatten() for p in params])
+        gathered = dist.all_gather(local, group=group)
+        per_rank = [g.split([p.ds_tensor.ds_numel for p in params]) for g in gathered]
+        full = [torch.cat([chunks[i] for chunks in per_rank])[: p.ds_numel] for i, p in enumerate(params)]
+        return torch.cat(full).cpu()
+    if not hasattr(params[0], "_hp_mapping"):  # ZeRO-0 in fp32: parameters are the masters, whole on every rank
+        return torch.cat([p.detach().float().flatten() for p in params]).cpu()
+    sizes = [p.numel() for p in params]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
+    offset = 0
+    for p, size in zip(params, sizes):  # ZeRO-1/2, bf16: each rank fills the fragments it owns, then one sum
+        mapping = p._hp_mapping
+        if mapping is not None:
+            start = offset + mapping.lp_fragment_address.start
+            flat[start : start + mapping.lp_fragment_address.numel].copy_(mapping.get_hp_fragment().data.flatten())
+        offset += size
+    dist.all_reduce_sum(flat, group=getattr(params[0], "_dp_group", group))
+    return flat.cpu()
 
 
 @dataclass

@@ -148,7 +148,7 @@ def train(args: argparse.Namespace) -> dict:
             at_boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             event = dynrank.after_step()  # collective; re-allocates when the schedule says so
-            if event:
+            if event and event["slots_changed"] and dist.is_main():
                 bar.write(f"step {event['step']}: re-allocated {event['slots_changed']} slots, "
                           f"budget {event['budget']} {event['budget_unit']}")  # fmt: skip
             window_loss += loss.detach().float().cpu()

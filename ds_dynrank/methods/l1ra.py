@@ -13,7 +13,7 @@ import torch
 
 from ds_dynrank.allocation import Plan, l1ra_plan
 from ds_dynrank.methods.base import Adapters, Bounds, Method
-from ds_dynrank.zero import StateIO, read_full_fp32, set_group_lr
+from ds_dynrank.zero import StateIO, read_full_fp32_flat, set_group_lr
 
 GATE_GROUP = 1
 
@@ -36,7 +36,7 @@ class L1RA(Method):
             io.map_master(layer.lora_gate, lambda c: (c - shrink).clamp_(0.0, 1.0))
 
     def local_scores(self, io: StateIO, adapters: Adapters) -> torch.Tensor:
-        return torch.cat([read_full_fp32(layer.lora_gate) for _, layer in adapters])
+        return read_full_fp32_flat([layer.lora_gate for _, layer in adapters])  # one collective
 
     def decide(self, scores_S: torch.Tensor, adapters: Adapters, bounds: Bounds) -> Plan:
         gates = list(scores_S.split([layer.capacity for _, layer in adapters]))

@@ -1,0 +1,144 @@
+"""Cost benchmark: vanilla LoRA and the dynamic methods side by side, same model, same data, same process group.
+
+    deepspeed --num_gpus 2 launch/bench.py --deepspeed ds_configs/zero2.json --steps 30
+
+Prints, for each variant, ratios against LoRA measured in this run: whole-run time per optimizer step (events
+included), one re-allocation event's cost in LoRA steps, and adapter + optimizer bytes before and after training.
+Writes the numbers to --out (JSON). Timings are never asserted anywhere: they are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ("lora", "l1ra-masked")
+SHARED = ("target_modules", "exclude_modules", "r", "rank_pattern", "lora_alpha", "alpha_pattern", "lora_dropout")
+
+
+def variant_section(variant: str, base: dict, args) -> dict:
+    """The "dynrank" section of one variant: the config's LoRA shape, the variant's method and backend."""
+    section = {k: base[k] for k in SHARED if k in base}
+    if variant == "lora":
+        return {"method": "lora", **section}
+    method, backend = variant.split("-")
+    return {"method": method, **section, "reshape": {"backend": backend}, "schedule": {"interval": args.interval},
+            "l1ra": {"l1_lambda": args.l1_lambda}}  # fmt: skip
+
+
+def adapter_bytes(model, engine) -> int:
+    """Working copy + fp32 master + two Adam moments of every adapter tensor, as allocated (live or not)."""
+    from ds_dynrank.lora import lora_parameters
+    from ds_dynrank.zero import full_numel
+
+    params = lora_parameters(model)
+    working = sum(full_numel(p) * p.element_size() for p in params)
+    return working + 3 * 4 * sum(full_numel(p) for p in params)
+
+
+def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
+    import deepspeed
+    import torch
+
+    from ds_dynrank import dist
+    from ds_dynrank.config import from_ds_config
+    from ds_dynrank.hook import DynRank, optimizer_groups
+    from ds_dynrank.inject import inject_lora
+    from ds_dynrank.models import load_model_and_tokenizer
+
+    ds_config = copy.deepcopy(base_cfg)
+    ds_config["dynrank"] = variant_section(name, base_cfg.get("dynrank", {}), args)
+    ds_config.pop("tensorboard", None)
+    cfg = from_ds_config(ds_config)
+    torch.manual_seed(0)
+    model, _ = load_model_and_tokenizer(args.model)
+    adapters = inject_lora(model, cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=ds_config)
+    dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps)
+    bytes_before = adapter_bytes(model, engine)
+    step_times = []
+    for i in range(args.steps + args.warmup):
+        batch = batches[i % len(batches)]
+        dist.barrier()
+        start = time.perf_counter()
+        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        engine.step()
+        dynrank.after_step()
+        dist.barrier()
+        if i >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+    events = dynrank.history[1:]
+    result = {
+        "variant": name,
+        "steps": len(step_times),
+        "seconds_per_step": sum(step_times) / len(step_times),
+        "events": len(events),
+        "event_seconds": sum(e["seconds"] for e in events) / len(events) if events else 0.0,
+        "slots_changed": sum(e["slots_changed"] for e in events),
+        "bytes_before": bytes_before,
+        "bytes_after": adapter_bytes(model, engine),
+        "budget": dynrank.budget_in_use(),
+        "final_loss": float(loss.item()),
+    }
+    engine.destroy()
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring")
+    p.add_argument("--interval", type=int, default=5, help="optimizer steps between re-allocation events")
+    p.add_argument("--l1_lambda", type=float, default=0.5)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_cost.json"))
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    from ds_dynrank import dist
+    from ds_dynrank.config import load_ds_config
+    from ds_dynrank.data import build_task, collate_train
+    from ds_dynrank.ds_config import resolve
+    from ds_dynrank.models import load_model_and_tokenizer
+
+    dist.init()
+    base = resolve(load_ds_config(args.deepspeed), max_steps=args.steps + args.warmup, output_dir=Path(args.out).parent,
+                   bf16_supported=False)  # fmt: skip
+    _, tokenizer = load_model_and_tokenizer(args.model)
+    task = build_task(tokenizer, args.dataset, max_eval_samples=1)
+    micro = base["train_micro_batch_size_per_gpu"]
+    offset = dist.rank() * micro
+    batches = [collate_train(task.train[offset + i * micro * dist.world_size():][:micro], task.candidate_ids,
+                             task.pad_id) for i in range(args.steps + args.warmup)]  # fmt: skip
+    results = [run_variant(v, args, base, batches) for v in args.variants.split(",")]
+    if dist.is_main():
+        lora = next(r for r in results if r["variant"] == "lora")
+        print(f"\n{'variant':<14} {'s/step':>8} {'x LoRA':>7} {'events':>6} {'event (LoRA steps)':>18} "
+              f"{'slots moved':>11} {'bytes before':>13} {'bytes after':>12} {'x LoRA':>7}")  # fmt: skip
+        for r in results:
+            r["step_time_ratio"] = r["seconds_per_step"] / lora["seconds_per_step"]
+            r["event_cost_steps"] = r["event_seconds"] / lora["seconds_per_step"]
+            r["bytes_ratio"] = r["bytes_after"] / lora["bytes_after"]
+            print(f"{r['variant']:<14} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} {r['events']:>6} "
+                  f"{r['event_cost_steps']:>18.2f} {r['slots_changed']:>11} {r['bytes_before']:>13,} "
+                  f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f}")  # fmt: skip
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+        print(f"\nwritten to {args.out}")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
