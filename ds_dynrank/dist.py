@@ -53,8 +53,11 @@ def is_initialized() -> bool:
     return dscomm.is_initialized()
 
 
-def rank() -> int:
-    return dscomm.get_rank() if dscomm.is_initialized() else 0
+def rank(group=None) -> int:
+    """This process's rank in `group` (the world by default)."""
+    if not dscomm.is_initialized():
+        return 0
+    return dscomm.get_rank(group=group) if group is not None else dscomm.get_rank()
 
 
 def world_size() -> int:

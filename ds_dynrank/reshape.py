@@ -41,25 +41,30 @@ def split_slots(layer: LoRALinear, keep: tuple[int, ...], grow: int) -> tuple[li
 
 
 def apply_masked(plan: Plan, adapters: list[tuple[str, LoRALinear]], io: StateIO, *, seed: int, step: int) -> int:
-    """Kill and revive slots in place. Returns the number of modules changed. Collective (same order everywhere)."""
-    changed = 0
+    """Kill and revive slots in place. Returns the number of modules changed. Collective: every rank reads the
+    changed modules' states together (three collectives in all) and writes back only what it holds."""
+    work = []
     for m, ((_, layer), keep, grow) in enumerate(zip(adapters, plan.keep, plan.grow)):
         killed, born = split_slots(layer, keep, grow)
-        if not killed and not born:
-            continue
-        changed += 1
+        if killed or born:
+            work.append((m, layer, keep, killed, born))
+    tensors = [(layer, key, dim) for _, layer, *_ in work for key, dim in _TENSORS if getattr(layer, key) is not None]
+    states = iter(io.read_many([getattr(layer, key) for layer, key, _ in tensors]))
+    for m, layer, keep, killed, born in work:
         touched = killed + born
         rows = layer.init_rows(len(born), slot_generator(seed, step, m))
-        io.write(layer.lora_A, _edit(io.read(layer.lora_A), 0, touched, dict(zip(born, rows))))
-        io.write(layer.lora_B, _edit(io.read(layer.lora_B), 1, touched))
-        if layer.lora_gate is not None:
-            ones = {slot: torch.tensor(1.0) for slot in born}
-            io.write(layer.lora_gate, _edit(io.read(layer.lora_gate), 0, touched, ones))
+        fills = {"lora_A": dict(zip(born, rows)), "lora_B": {}, "lora_gate": {s: torch.tensor(1.0) for s in born}}
+        for key, dim in _TENSORS:
+            if getattr(layer, key) is not None:
+                io.write(getattr(layer, key), _edit(next(states), dim, touched, fills[key]))
         mask = torch.zeros(layer.capacity, dtype=layer.rank_mask.dtype)
         mask[list(keep) + born] = 1
         with torch.no_grad():
             layer.rank_mask.copy_(mask.to(layer.rank_mask.device))
-    return changed
+    return len(work)
+
+
+_TENSORS = (("lora_A", 0), ("lora_B", 1), ("lora_gate", 0))  # each tensor and its slot dimension
 
 
 def apply_plan(plan: Plan, adapters: list[tuple[str, LoRALinear]], io: StateIO, *, backend: str, seed: int,

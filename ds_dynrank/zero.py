@@ -11,14 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from deepspeed import zero
 from deepspeed.utils import (
     safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
     safe_get_local_fp32_param,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
+    safe_get_local_optimizer_state,
     safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 from torch import nn
 
@@ -49,30 +47,42 @@ def read_full_fp32(p: nn.Parameter) -> torch.Tensor:
     return full.detach().float().cpu().clone()
 
 
-def read_full_fp32_flat(params: list[nn.Parameter], group=None) -> torch.Tensor:
-    """Full fp32 masters of many parameters, flattened and concatenated, in ONE collective (the per-parameter
-    accessors cost one collective each). Same result as concatenating read_full_fp32 over `params`."""
+def _local_piece(p: nn.Parameter, key: str | None) -> torch.Tensor | None:
+    """This rank's own piece of p's fp32 master (key None) or Adam moment: a ZeRO-3 partition, a ZeRO-1/2
+    fragment, or None where this rank holds nothing of p."""
+    if hasattr(p, "ds_id"):
+        piece = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+        return piece.detach().float().flatten()
+    mapping = p._hp_mapping
+    return None if mapping is None else mapping.get_hp_fragment(key).detach().float().flatten()
+
+
+def read_full_flat(params: list[nn.Parameter], key: str | None = None, group=None) -> torch.Tensor:
+    """Full fp32 masters (key None) or Adam moments of many DeepSpeed-managed parameters, flattened and
+    concatenated, in ONE collective (the per-parameter accessors cost one each)."""
     if not params:
         return torch.zeros(0)
     if hasattr(params[0], "ds_id"):  # ZeRO-3: all-gather every rank's local partitions at once
-        local = torch.cat([safe_get_local_fp32_param(p).detach().float().flatten() for p in params])
-        gathered = dist.all_gather(local, group=group)
-        per_rank = [g.split([p.ds_tensor.ds_numel for p in params]) for g in gathered]
-        full = [torch.cat([chunks[i] for chunks in per_rank])[: p.ds_numel] for i, p in enumerate(params)]
-        return torch.cat(full).cpu()
-    if not hasattr(params[0], "_hp_mapping"):  # ZeRO-0 in fp32: parameters are the masters, whole on every rank
-        return torch.cat([p.detach().float().flatten() for p in params]).cpu()
+        local = torch.cat([_local_piece(p, key) for p in params])
+        per_rank = [g.split([p.ds_tensor.ds_numel for p in params]) for g in dist.all_gather(local, group=group)]
+        return torch.cat([torch.cat([c[i] for c in per_rank])[: p.ds_numel] for i, p in enumerate(params)]).cpu()
     sizes = [p.numel() for p in params]
     flat = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
     offset = 0
     for p, size in zip(params, sizes):  # ZeRO-1/2, bf16: each rank fills the fragments it owns, then one sum
-        mapping = p._hp_mapping
-        if mapping is not None:
-            start = offset + mapping.lp_fragment_address.start
-            flat[start : start + mapping.lp_fragment_address.numel].copy_(mapping.get_hp_fragment().data.flatten())
+        piece = _local_piece(p, key)
+        if piece is not None:
+            start = offset + p._hp_mapping.lp_fragment_address.start
+            flat[start : start + piece.numel()].copy_(piece)
         offset += size
-    dist.all_reduce_sum(flat, group=getattr(params[0], "_dp_group", group))
-    return flat.cpu()
+    return dist.all_reduce_sum(flat, group=getattr(params[0], "_dp_group", group)).cpu()
+
+
+def read_full_fp32_flat(params: list[nn.Parameter], group=None) -> torch.Tensor:
+    """Full fp32 masters of many parameters in one collective (ZeRO-0 fp32: the parameters themselves)."""
+    if params and not _managed(params[0]):
+        return torch.cat([p.detach().float().flatten() for p in params]).cpu()
+    return read_full_flat(params, None, group)
 
 
 @dataclass
@@ -113,42 +123,58 @@ class StateIO:
         return state
 
     def read(self, p: nn.Parameter) -> FullState:
-        if not _managed(p):
-            state = self._plain_state(p)
-            return FullState(p.data.float().cpu().clone(), *(state[k].float().cpu().clone() for k in MOMENTS))
+        return self.read_many([p])[0]
+
+    def read_many(self, params: list[nn.Parameter]) -> list[FullState]:
+        """Full fp32 value and both moments of every parameter: three collectives in all, whatever the count."""
+        if not params:
+            return []
+        if not _managed(params[0]):
+            states = [self._plain_state(p) for p in params]
+            return [FullState(p.data.float().cpu().clone(), *(st[k].float().cpu().clone() for k in MOMENTS))
+                    for p, st in zip(params, states)]  # fmt: skip
         self._link_optimizer_fragments()
-        moments = []
-        for key in MOMENTS:
-            m = safe_get_full_optimizer_state(p, key)
-            if m is None:
-                raise RuntimeError("optimizer state is empty: re-allocation needs at least one applied optimizer step")
-            moments.append(m.detach().float().cpu().clone())
-        return FullState(read_full_fp32(p), *moments)
+        try:
+            flats = [read_full_flat(params, key) for key in (None, *MOMENTS)]
+        except (KeyError, ValueError) as err:
+            raise RuntimeError(f"optimizer state is not readable yet (needs one applied step): {err}") from None
+        sizes = [full_numel(p) for p in params]
+        parts = [flat.split(sizes) for flat in flats]
+        return [FullState(*(part[i].view(full_shape(p)).clone() for part in parts)) for i, p in enumerate(params)]
 
     def write(self, p: nn.Parameter, new: FullState) -> None:
-        """Master, moments and the working copy all take the new full values (identical on every rank)."""
-        if not _managed(p):
-            state = self._plain_state(p)
-            with torch.no_grad():
+        """Master, moments and working copy take the new full values (the same on every rank). Each rank writes
+        only the pieces it holds: no communication."""
+        with torch.no_grad():
+            if not _managed(p):
+                state = self._plain_state(p)
                 p.data.copy_(new.value.to(p.device, p.dtype))
                 for key in MOMENTS:
                     state[key].copy_(getattr(new, key).to(state[key].device, state[key].dtype))
-            return
-        self._link_optimizer_fragments()
-        device = self.engine.device
-        safe_set_full_fp32_param(p, new.value.to(device))
-        for key in MOMENTS:
-            safe_set_full_optimizer_state(p, getattr(new, key).to(device), key)
-        self._write_working_copy(p, new.value)
-
-    def _write_working_copy(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        """The copy the forward uses; DeepSpeed would only refresh it from the master at the next step."""
-        if hasattr(p, "ds_id"):  # ZeRO-3: gather, let rank 0 modify, re-partition on exit
-            with zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                p.data.copy_(value.to(p.device, p.dtype))
-        else:
-            with torch.no_grad():
-                p.data.copy_(value.to(p.device, p.dtype))
+                return
+            self._link_optimizer_fragments()
+            fields = {None: new.value, "exp_avg": new.exp_avg, "exp_avg_sq": new.exp_avg_sq}
+            if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened tensor (zero padded)
+                size = p.ds_tensor.ds_numel
+                start = dist.rank(getattr(p, "ds_process_group", None)) * size
+                for key, full in fields.items():
+                    piece = torch.zeros(size, dtype=torch.float32)
+                    chunk = full.flatten()[start : start + size]
+                    piece[: chunk.numel()] = chunk
+                    piece = piece.to(self.engine.device)
+                    if key is None:
+                        safe_set_local_fp32_param(p, piece)
+                        p.ds_tensor.data.copy_(piece.to(p.ds_tensor.dtype))
+                    else:
+                        safe_set_local_optimizer_state(p, piece, key)
+                return
+            mapping = p._hp_mapping
+            if mapping is not None:  # ZeRO-1/2, bf16: this rank's fragment of the flat fp32 partition
+                address = mapping.lp_fragment_address
+                for key, full in fields.items():
+                    chunk = full.flatten()[address.start : address.start + address.numel]
+                    mapping.get_hp_fragment(key).data.copy_(chunk.to(self.engine.device))
+            p.data.copy_(new.value.to(p.device, p.dtype))  # the working copy is whole on every rank
 
     def map_master(self, p: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply an elementwise `fn` (f(0) must be 0) to p's fp32 master and working copy in place, touching only

@@ -30,7 +30,7 @@ def variant_section(variant: str, base: dict, args) -> dict:
         return {"method": "lora", **section}
     method, backend = variant.split("-")
     return {"method": method, **section, "reshape": {"backend": backend}, "schedule": {"interval": args.interval},
-            "l1ra": {"l1_lambda": args.l1_lambda}}  # fmt: skip
+            "l1ra": {"l1_lambda": args.l1_lambda, "gate_lr": args.gate_lr}}  # fmt: skip
 
 
 def adapter_bytes(model, engine) -> int:
@@ -101,6 +101,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring")
     p.add_argument("--interval", type=int, default=5, help="optimizer steps between re-allocation events")
     p.add_argument("--l1_lambda", type=float, default=0.5)
+    p.add_argument("--gate_lr", type=float, default=0.1)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=str(REPO / "runs" / "bench_cost.json"))
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
