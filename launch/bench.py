@@ -46,6 +46,7 @@ def adapter_bytes(model, engine) -> int:
 def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
     import deepspeed
     import torch
+    from tqdm import tqdm
 
     from ds_dynrank import dist
     from ds_dynrank.config import from_ds_config
@@ -64,6 +65,7 @@ def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
     dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps)
     bytes_before = adapter_bytes(model, engine)
     step_times = []
+    bar = tqdm(total=args.steps + args.warmup, desc=name, disable=not dist.is_main(), dynamic_ncols=True)
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
         dist.barrier()
@@ -75,6 +77,8 @@ def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
         dist.barrier()
         if i >= args.warmup:
             step_times.append(time.perf_counter() - start)
+        bar.update(1)
+    bar.close()
     events = dynrank.history[1:]
     result = {
         "variant": name,
@@ -114,6 +118,11 @@ def main() -> int:
     from ds_dynrank.models import load_model_and_tokenizer
 
     dist.init()
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_dynrank.runtime import local_world_size, share_cpu_threads
+
+    share_cpu_threads(get_accelerator().device_name(), local_world_size(dist.world_size()))
     base = resolve(load_ds_config(args.deepspeed), max_steps=args.steps + args.warmup, output_dir=Path(args.out).parent,
                    bf16_supported=False)  # fmt: skip
     _, tokenizer = load_model_and_tokenizer(args.model)

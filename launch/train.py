@@ -103,15 +103,14 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.evaluation import evaluate
     from ds_dynrank.hook import DynRank, optimizer_groups
     from ds_dynrank.lora import lora_parameters
+    from ds_dynrank.runtime import local_world_size, share_cpu_threads
     from ds_dynrank.zero import full_numel
 
     ds_config, dyn_cfg, model, task, adapters = prepare(args)
     dist.init(timeout_s=args.dist_timeout)
     output_dir = shared_output_dir(args)
     accel = get_accelerator()
-    if accel.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # one share of the cores per process
-        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", dist.world_size())))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
     bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
     groups = optimizer_groups(dyn_cfg, adapters)
