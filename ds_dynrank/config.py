@@ -19,7 +19,7 @@ from ds_dynrank.errors import UserInputError
 SECTION = "dynrank"
 METHODS = ("lora", "l1ra")
 DYNAMIC = ("l1ra",)
-AVAILABLE_BACKENDS = ("masked",)
+AVAILABLE_BACKENDS = ("masked", "physical")
 
 
 class _Section(BaseModel):
@@ -197,6 +197,10 @@ class DynRankConfig(_Section):
                 f"(available: {', '.join(AVAILABLE_BACKENDS)})"
             )
         masked = self.reshape.backend == "masked"
+        if self.dynamic and not masked and self.capacity is not None:
+            raise ValueError("capacity: a masked-backend setting; the physical backend sizes each module to its rank")
+        if self.dynamic and not masked and self.budget.floor < 1:
+            raise ValueError("budget.floor: the physical backend needs >= 1 (a module cannot hold a rank-0 tensor)")
         if self.dynamic and masked and self.capacity is not None and self.capacity <= min(ranks):
             raise ValueError(
                 f"capacity ({self.capacity}) leaves no free slot to grow into under the masked backend; "

@@ -7,6 +7,7 @@ same module order -> checksums compared across ranks -> TensorBoard and allocati
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from pathlib import Path
@@ -16,11 +17,12 @@ import torch
 from ds_dynrank import dist, monitor, outputs
 from ds_dynrank.allocation import Plan, budget_used
 from ds_dynrank.config import DynRankConfig
+from ds_dynrank.lora import iter_lora
 from ds_dynrank.methods import build_method
 from ds_dynrank.methods.base import Adapters, Bounds
-from ds_dynrank.reshape import apply_plan
+from ds_dynrank.reshape import apply_masked, physical_layers, swap_layers
 from ds_dynrank.schedule import resolve_schedule
-from ds_dynrank.zero import StateIO
+from ds_dynrank.zero import StateIO, capture, reinitialize, teardown
 
 
 class AllocationMismatchError(RuntimeError):
@@ -34,8 +36,13 @@ def optimizer_groups(cfg: DynRankConfig, adapters: Adapters) -> list[dict]:
 
 class DynRank:
     def __init__(self, engine, cfg: DynRankConfig, adapters: Adapters, *, total_steps: int,
-                 output_dir: Path | None = None) -> None:  # fmt: skip
+                 output_dir: Path | None = None, ds_config: dict | None = None) -> None:  # fmt: skip
+        """`engine` may be replaced by a physical re-allocation: always use `dynrank.engine` after `after_step()`.
+        `ds_config` (the dict given to deepspeed.initialize) is needed by the physical backend to rebuild it."""
+        if cfg.dynamic and cfg.reshape.backend == "physical" and ds_config is None:
+            raise ValueError("the physical backend needs ds_config to rebuild the engine")
         self.engine, self.cfg, self.adapters, self.output_dir = engine, cfg, adapters, output_dir
+        self.ds_config = ds_config
         self.method = build_method(cfg)
         s = cfg.schedule
         self.schedule = resolve_schedule(s.start, s.interval, s.stop, total_steps=total_steps,
@@ -95,10 +102,39 @@ class DynRank:
             encoded = torch.zeros(sum(capacity_M) + len(capacity_M), dtype=torch.int64)
         plan = Plan.decode(dist.broadcast(encoded.to(self.engine.device), src=0).cpu(), capacity_M)
         changed_slots = plan.slots_changed(live)
-        apply_plan(plan, self.adapters, self.io, backend=self.cfg.reshape.backend, seed=self.cfg.seed,
-                   step=self.applied_steps)  # fmt: skip
+        if self.cfg.reshape.backend == "physical":
+            self._rebuild(plan)
+        else:
+            apply_masked(plan, self.adapters, self.io, seed=self.cfg.seed, step=self.applied_steps)
         self.check_consistent()
         return self._record(self.applied_steps, changed_slots, time.perf_counter() - start)
+
+    def _rebuild(self, plan: Plan) -> None:
+        """Physical backend: gather every adapter's full state, build layers at the new ranks, rebuild the engine
+        over them and write the carried fp32 values and Adam moments back. Pruned ranks free their memory."""
+        tensors = [t for _, layer in self.adapters for t in (layer.lora_A, layer.lora_B, layer.lora_gate)
+                   if t is not None]  # fmt: skip
+        rebuilt = physical_layers(plan, self.adapters, self.io.read_many(tensors), seed=self.cfg.seed,
+                                  step=self.applied_steps)  # fmt: skip
+        carry = capture(self.engine)
+        model = self.engine.module
+        teardown(self.engine)
+        self.engine = None
+        swap_layers(model, self.adapters, [layer for layer, _ in rebuilt])
+        self.adapters = iter_lora(model)
+
+        def restore(engine) -> None:
+            io = StateIO(engine)
+            for (_, states), (_, live_layer) in zip(rebuilt, self.adapters):
+                params = [t for t in (live_layer.lora_A, live_layer.lora_B, live_layer.lora_gate) if t is not None]
+                for p, state in zip(params, states):
+                    io.write(p, state)
+
+        groups = self.method.optimizer_groups(self.adapters)
+        self.engine = reinitialize(model, groups, self.ds_config, carry, restore)
+        self.io = StateIO(self.engine)
+        self.method.on_attach(self.engine)
+        gc.collect()
 
     def check_consistent(self) -> None:
         """Compare a digest of the applied allocation across ranks; stop the run on any difference."""

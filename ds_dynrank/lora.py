@@ -25,7 +25,8 @@ def linear_features(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if Conv1D and isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]
+        shape = getattr(base.weight, "ds_shape", base.weight.shape)  # ZeRO-3 leaves the local tensor empty
+        return shape[0], shape[1]
     raise TypeError(f"LoRA supports nn.Linear and transformers Conv1D, not {type(base).__name__}")
 
 
@@ -43,6 +44,7 @@ class LoRALinear(nn.Module):
         gate: bool = False,
         use_rslora: bool = False,
         init: str = "kaiming",
+        init_rank: int | None = None,
     ) -> None:
         super().__init__()
         capacity = rank if capacity is None else capacity
@@ -51,8 +53,9 @@ class LoRALinear(nn.Module):
         in_features, out_features = linear_features(base)
         self.base = base
         self.in_features, self.out_features = in_features, out_features
-        self.init_rank = rank
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.init_rank = init_rank or rank  # the scaling's rank: kept when the rank changes
+        self.alpha, self.use_rslora, self.dropout_p = alpha, use_rslora, dropout
+        self.scaling = alpha / math.sqrt(self.init_rank) if use_rslora else alpha / self.init_rank
         self.init = init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base.weight
@@ -66,6 +69,13 @@ class LoRALinear(nn.Module):
             if self.lora_gate is not None:
                 self.lora_gate.zero_()
         self.reset_slots(torch.arange(rank))
+
+    def resized(self, rank: int) -> LoRALinear:
+        """A new layer over the same base with `rank` live slots and this layer's scaling and settings (the
+        physical backend fills in its values)."""
+        return LoRALinear(self.base, rank=rank, capacity=rank, alpha=self.alpha, dropout=self.dropout_p,
+                          gate=self.lora_gate is not None, use_rslora=self.use_rslora, init=self.init,
+                          init_rank=self.init_rank)  # fmt: skip
 
     @property
     def capacity(self) -> int:

@@ -67,9 +67,39 @@ def apply_masked(plan: Plan, adapters: list[tuple[str, LoRALinear]], io: StateIO
 _TENSORS = (("lora_A", 0), ("lora_B", 1), ("lora_gate", 0))  # each tensor and its slot dimension
 
 
-def apply_plan(plan: Plan, adapters: list[tuple[str, LoRALinear]], io: StateIO, *, backend: str, seed: int,
-               step: int) -> int:  # fmt: skip
-    """The one entry point for every backend."""
-    if backend == "masked":
-        return apply_masked(plan, adapters, io, seed=seed, step=step)
-    raise ValueError(f"reshape.backend {backend!r} is not available")
+def physical_layers(plan: Plan, adapters: list[tuple[str, LoRALinear]], states: list[FullState], *, seed: int,
+                    step: int) -> list[tuple[LoRALinear, list[FullState]]]:  # fmt: skip
+    """New layers whose shapes are the plan's ranks: surviving slots first (values and moments carried bit for
+    bit), then born slots (seeded A rows, B = 0, gate 1, zero moments). `states` holds every adapter tensor's
+    full state in iteration order (A, B, gate per module)."""
+    out, states_iter = [], iter(states)
+    for m, ((_, layer), keep, grow) in enumerate(zip(adapters, plan.keep, plan.grow)):
+        new = layer.resized(len(keep) + grow)
+        rows = layer.init_rows(grow, slot_generator(seed, step, m))
+        carried = []
+        for key, dim in _TENSORS:
+            if getattr(layer, key) is None:
+                continue
+            old = next(states_iter)
+            index = torch.tensor(keep, dtype=torch.long)
+            born_shape = list(old.value.shape)
+            born_shape[dim] = grow
+            fresh = {"lora_A": rows, "lora_B": torch.zeros(born_shape), "lora_gate": torch.ones(grow)}[key]
+            zeros = torch.zeros(born_shape)
+            state = FullState(
+                torch.cat([old.value.index_select(dim, index), fresh], dim),
+                torch.cat([old.exp_avg.index_select(dim, index), zeros], dim),
+                torch.cat([old.exp_avg_sq.index_select(dim, index), zeros], dim),
+            )
+            with torch.no_grad():
+                getattr(new, key).copy_(state.value.to(getattr(new, key).dtype))
+            carried.append(state)
+        out.append((new, carried))
+    return out
+
+
+def swap_layers(model, adapters: list[tuple[str, LoRALinear]], layers: list[LoRALinear]) -> None:
+    """Put the new layers where the old ones were (same names, so the iteration order is unchanged)."""
+    for (name, _), layer in zip(adapters, layers):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)

@@ -198,3 +198,94 @@ def set_group_lr(engine, group_index: int, lr: float) -> None:
 
 def stage(engine) -> int:
     return int(engine.zero_optimization_stage())
+
+
+@dataclass
+class EngineCarry:
+    """What must survive an engine rebuild besides the adapters' own state."""
+
+    adam_step: torch.Tensor | None
+    counters: dict
+    scheduler_state: dict | None
+    group_lrs: list[float]
+    monitor: object
+
+
+_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def _adam_state(engine) -> dict:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt).state
+
+
+def capture(engine) -> EngineCarry:
+    states = list(_adam_state(engine).values())
+    step = states[0].get("step") if states else None
+    return EngineCarry(
+        adam_step=step.clone() if torch.is_tensor(step) else step,
+        counters={k: getattr(engine, k) for k in _COUNTERS},
+        scheduler_state=engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        group_lrs=[g["lr"] for g in engine.optimizer.param_groups],
+        monitor=engine.monitor,
+    )
+
+
+def teardown(engine) -> None:
+    """Free an engine so its module can be wrapped again: DeepSpeed's destroy() leaves hooks and ZeRO-3 state
+    on the module that keep the old engine (and its optimizer state) alive and running."""
+    if stage(engine) == 3:
+        engine.empty_partition_cache()  # release parameters an eval pass left gathered
+    engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
+    if stage(engine) == 3:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        for module in engine.module.modules():  # backward functions that close over the old coordinator
+            for attr in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt"):
+                module.__dict__.pop(attr, None)
+        cached = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+        for cell in getattr(cached, "__closure__", None) or ():
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()  # its keys hold every coordinator ever built
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if m is not engine.module]
+
+
+def reinitialize(module: nn.Module, groups: list[dict], ds_config: dict, carry: EngineCarry, restore):
+    """A fresh engine over `module` (same config, TensorBoard left to the carried monitor), with counters, LRs,
+    scheduler and Adam step carried over. `restore(engine)` then writes the adapters' moments back."""
+    import deepspeed
+
+    config = {**ds_config, "tensorboard": {"enabled": False}}
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
+    engine.monitor = carry.monitor
+    for key, value in carry.counters.items():
+        setattr(engine, key, value)
+    if carry.scheduler_state is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(carry.scheduler_state)
+    for group, lr in zip(engine.optimizer.param_groups, carry.group_lrs):
+        group["lr"] = lr
+    _prime_adam_state(engine, carry.adam_step)
+    restore(engine)
+    return engine
+
+
+def _prime_adam_state(engine, step) -> None:
+    """torch's Adam creates its state at the first step; write it now so the carried moments have a home."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    flats = (getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat",
+             None) or getattr(opt, "fp32_groups_flat_partition", None))  # fmt: skip
+    targets = flats if flats else [p for g in inner.param_groups for p in g["params"]]
+    for t in targets:
+        inner.state[t] = {
+            "step": step.clone() if torch.is_tensor(step) else torch.tensor(float(step or 0)),
+            "exp_avg": torch.zeros_like(t),
+            "exp_avg_sq": torch.zeros_like(t),
+        }

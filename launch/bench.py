@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("lora", "l1ra-masked")
+VARIANTS = ("lora", "l1ra-masked", "l1ra-physical")
 SHARED = ("target_modules", "exclude_modules", "r", "rank_pattern", "lora_alpha", "alpha_pattern", "lora_dropout")
 
 
@@ -33,7 +33,7 @@ def variant_section(variant: str, base: dict, args) -> dict:
             "l1ra": {"l1_lambda": args.l1_lambda, "gate_lr": args.gate_lr}}  # fmt: skip
 
 
-def adapter_bytes(model, engine) -> int:
+def adapter_bytes(model) -> int:
     """Working copy + fp32 master + two Adam moments of every adapter tensor, as allocated (live or not)."""
     from ds_dynrank.lora import lora_parameters
     from ds_dynrank.zero import full_numel
@@ -62,14 +62,16 @@ def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
     model, _ = load_model_and_tokenizer(args.model)
     adapters = inject_lora(model, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=ds_config)
-    dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps)
-    bytes_before = adapter_bytes(model, engine)
+    dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps, ds_config=ds_config)
+    bytes_before = adapter_bytes(model)
+    del engine
     step_times = []
     bar = tqdm(total=args.steps + args.warmup, desc=name, disable=not dist.is_main(), dynamic_ncols=True)
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
         dist.barrier()
         start = time.perf_counter()
+        engine = dynrank.engine  # the physical backend rebuilds it at events
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
         engine.backward(loss)
         engine.step()
@@ -88,11 +90,11 @@ def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
         "event_seconds": sum(e["seconds"] for e in events) / len(events) if events else 0.0,
         "slots_changed": sum(e["slots_changed"] for e in events),
         "bytes_before": bytes_before,
-        "bytes_after": adapter_bytes(model, engine),
+        "bytes_after": adapter_bytes(dynrank.engine.module),
         "budget": dynrank.budget_in_use(),
         "final_loss": float(loss.item()),
     }
-    engine.destroy()
+    dynrank.engine.destroy()
     return result
 
 

@@ -116,7 +116,8 @@ def train(args: argparse.Namespace) -> dict:
     groups = optimizer_groups(dyn_cfg, adapters)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     trainable = sum(full_numel(p) for p in lora_parameters(model))
-    dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir)
+    dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir,
+                      ds_config=ds_config)  # fmt: skip
 
     sampler = DistributedSampler(
         task.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
@@ -129,6 +130,7 @@ def train(args: argparse.Namespace) -> dict:
     )
 
     def run_eval() -> dict[str, float]:
+        engine = dynrank.engine  # the physical backend replaces the engine at its events
         engine.eval()
         result = evaluate(engine, task, batch_size=args.eval_batch_size, device=engine.device)
         engine.train()
@@ -142,11 +144,13 @@ def train(args: argparse.Namespace) -> dict:
     while engine.global_steps < args.max_steps:
         sampler.set_epoch(epoch)
         for batch in loader:
+            engine = dynrank.engine  # replaced by a physical re-allocation event
             loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
             engine.backward(loss + dynrank.penalty())
             at_boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             event = dynrank.after_step()  # collective; re-allocates when the schedule says so
+            engine = dynrank.engine
             if event and event["slots_changed"] and dist.is_main():
                 bar.write(f"step {event['step']}: re-allocated {event['slots_changed']} slots, "
                           f"budget {event['budget']} {event['budget_unit']}")  # fmt: skip
@@ -167,6 +171,7 @@ def train(args: argparse.Namespace) -> dict:
                 break
         epoch += 1
     bar.close()
+    engine = dynrank.engine
     final = run_eval()
     history.append({"step": engine.global_steps, **final})
     wall = time.time() - start

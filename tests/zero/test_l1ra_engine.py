@@ -90,6 +90,16 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
         gates = io.read(layer.lora_gate).value
         assert ((gates >= 0) & (gates <= 1)).all()
         results[stage] = [h["ranks"] for h in history]
+        if stage == 0:  # a forced disagreement is caught by the checksum on every rank
+            from ds_dynrank.hook import AllocationMismatchError
+
+            mask = layer.rank_mask.clone()
+            if rank == 1:
+                layer.rank_mask[layer.live_slots()[0]] = 0
+            with pytest.raises(AllocationMismatchError, match="ranks disagree on the allocation"):
+                dynrank.check_consistent()
+            layer.rank_mask.copy_(mask)
+            dynrank.check_consistent()
         engine.destroy()
     torch.save(results, out_dir / f"l1ra_rank{rank}.pt")
 

@@ -1,0 +1,44 @@
+"""The engine hook counts optimizer steps that DeepSpeed really applied: never a micro-batch, never a step skipped
+on fp16 overflow. A stand-in engine exposes exactly the three counters the hook reads (an overflow cannot be
+forced in fp32 on the CPU); everything else is the real DynRank."""
+
+from __future__ import annotations
+
+from helpers import tiny_llama
+
+from ds_dynrank import inject_lora
+from ds_dynrank.config import from_ds_config
+from ds_dynrank.hook import DynRank
+
+
+class SteppingEngine:
+    """global_steps moves at accumulation boundaries (also on skipped steps, as DeepSpeed's does)."""
+
+    zero_optimization_stage = staticmethod(lambda: 0)
+    global_samples, monitor, device = 0, None, "cpu"
+
+    def __init__(self) -> None:
+        self.global_steps, self.applied, self.optimizer = 0, True, None
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+
+def test_only_applied_boundary_steps_count_and_trigger_events(monkeypatch):
+    cfg = from_ds_config({"dynrank": {"method": "l1ra", "r": 2, "schedule": {"start": 2, "interval": 2}}})
+    adapters = inject_lora(tiny_llama(), cfg)
+    engine = SteppingEngine()
+    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.on_attach", lambda self, e: None)
+    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.after_optimizer_step", lambda self, e, io, a: None)
+    dynrank = DynRank(engine, cfg, adapters, total_steps=20)
+    events = []
+    monkeypatch.setattr(dynrank, "reallocate", lambda plan=None: events.append(dynrank.applied_steps) or {})
+    # micro-batches of 4-step accumulation: global_steps moves every 4th call; the 3rd boundary overflows
+    for micro in range(1, 25):
+        if micro % 4 == 0:
+            engine.global_steps += 1
+            engine.applied = engine.global_steps != 3
+        dynrank.after_step()
+    assert engine.global_steps == 6
+    assert dynrank.applied_steps == 5  # 6 boundaries, one skipped
+    assert events == [2, 4]  # applied steps 2 and 4, never mid-accumulation, never on the skipped step
