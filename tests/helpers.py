@@ -101,3 +101,63 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def tiny_ds_config(stage: int, *, accumulation: int = 2, scheduler_steps: int | None = None) -> dict:
+    """A DeepSpeed config for the tiny model under ZeRO `stage`: fp32, torch AdamW, adapters really sharded under
+    ZeRO-3 (no persistence threshold), small buckets, optionally DeepSpeed's WarmupDecayLR."""
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": accumulation,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**6, "stage3_param_persistence_threshold": 0},
+    }
+    if scheduler_steps:
+        config["scheduler"] = {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 2,
+                       "total_num_steps": scheduler_steps},
+        }  # fmt: skip
+    return config
+
+
+def assert_ranks_identical(directory: Path, prefix: str, stages) -> None:
+    """Each rank saved {name: tensors} as `<prefix>_stage<s>_rank<r>.pt`; every tensor must match bit for bit."""
+    for stage in stages:
+        mine = torch.load(directory / f"{prefix}_stage{stage}_rank0.pt")
+        other = torch.load(directory / f"{prefix}_stage{stage}_rank1.pt")
+        assert mine.keys() == other.keys()
+        for key in mine:
+            for a, b in zip(mine[key], other[key]):
+                assert torch.equal(a, b), f"ranks disagree on {key} under ZeRO-{stage}"
+
+
+def build_dynrank(stage: int, section: dict, *, scheduler_steps: int | None = 40, total_steps: int = 100):
+    """Tiny Llama + adapters + DeepSpeed engine under ZeRO `stage` + DynRank, as launch/train.py wires them."""
+    import deepspeed
+
+    from ds_dynrank import inject_lora
+    from ds_dynrank.config import from_ds_config
+    from ds_dynrank.hook import DynRank, optimizer_groups
+
+    cfg = from_ds_config({"dynrank": section})
+    model = tiny_llama(seed=0)
+    adapters = inject_lora(model, cfg)
+    config = tiny_ds_config(stage, scheduler_steps=scheduler_steps)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=config)
+    return DynRank(engine, cfg, adapters, total_steps=total_steps, ds_config=config)
+
+
+def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2) -> list[float]:
+    """`steps` optimizer steps on random tokens (different on every rank); returns the micro-batch losses."""
+    data, losses = torch.Generator().manual_seed(seed + rank), []
+    for _ in range(steps * accumulation):
+        ids = torch.randint(0, 128, (2, 12), generator=data)
+        engine = dynrank.engine  # a physical event replaces the engine
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        dynrank.after_step()
+        losses.append(loss.item())
+    return losses

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_ds_config, tiny_llama
 
 from ds_dynrank import inject_lora
 
@@ -17,16 +17,7 @@ GATE_LR, LAMBDA = 0.05, 2.0  # a proximal shrink of 0.1 per step: gates reach 0 
 
 
 def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR",
-                      "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 2,
-                                 "total_num_steps": 20}},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**6, "stage3_param_persistence_threshold": 0},
-    }  # fmt: skip
+    return tiny_ds_config(stage, scheduler_steps=20)
 
 
 def _working_gate(layer) -> torch.Tensor:

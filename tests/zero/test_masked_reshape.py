@@ -1,7 +1,8 @@
 """The masked backend under ZeRO 0, 1, 2 and 3, 2 real processes: an event that prunes and grows keeps the
 surviving slots' fp32 values and both Adam moments bit for bit, gives born slots B = 0, gate 1, zero moments and A
 rows from the shared seed, preserves the model's function when only zero-gate ranks are pruned, keeps killed
-slots exactly zero through further steps, and leaves every rank with identical adapters."""
+slots exactly zero through further steps, and leaves every rank with identical adapters. (Identity events:
+test_identity_events.py.)"""
 
 from __future__ import annotations
 
@@ -9,23 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import assert_ranks_identical, build_dynrank, train_steps
 
-from ds_dynrank import inject_lora
 from ds_dynrank.allocation import Plan
 
 STAGES = (0, 1, 2, 3)
 CFG = {"method": "l1ra", "r": 4, "capacity": 8, "schedule": {"start": 1000}, "l1ra": {"l1_lambda": 0.0}}
-
-
-def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**6, "stage3_param_persistence_threshold": 0},
-    }
 
 
 def forced_plan(live: list[list[int]]) -> Plan:
@@ -37,35 +27,13 @@ def forced_plan(live: list[list[int]]) -> Plan:
     return Plan(keep=tuple(keep), grow=tuple(grow))
 
 
-def _train(engine, dynrank, steps: int, rank: int, seed: int) -> list[float]:
-    data = torch.Generator().manual_seed(seed + rank)
-    losses = []
-    for _ in range(steps * 2):
-        ids = torch.randint(0, 128, (2, 12), generator=data)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        dynrank.after_step()
-        losses.append(loss.item())
-    return losses
-
-
 def _states(io, adapters) -> dict:
     return {f"{n}.{k}": io.read(getattr(layer, k)) for n, layer in adapters for k in ("lora_A", "lora_B", "lora_gate")}
 
 
 def _build(stage: int):
-    import deepspeed
-
-    from ds_dynrank.config import from_ds_config
-    from ds_dynrank.hook import DynRank, optimizer_groups
-
-    cfg = from_ds_config({"dynrank": CFG})
-    model = tiny_llama(seed=0)
-    adapters = inject_lora(model, cfg)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters),
-                                      config=ds_config(stage))  # fmt: skip
-    return engine, DynRank(engine, cfg, adapters, total_steps=100), adapters
+    dynrank = build_dynrank(stage, CFG, scheduler_steps=None)
+    return dynrank.engine, dynrank, dynrank.adapters
 
 
 def _event_worker(rank: int, world: int, out_dir: Path) -> None:
@@ -74,7 +42,7 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
     for stage in STAGES:
         engine, dynrank, adapters = _build(stage)
         io = dynrank.io
-        _train(engine, dynrank, 3, rank, seed=10)
+        train_steps(dynrank, 3, rank, seed=10)
         live = [layer.live_slots() for _, layer in adapters]
         plan = forced_plan(live)
         # make the pruned slots' gates exactly 0, so the event must preserve the function
@@ -114,7 +82,7 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
                 assert torch.equal(after[f"{name}.lora_gate"].value[born], torch.ones(len(born)))
             assert layer.live_slots() == sorted(keep + born)
         torch.testing.assert_close(after_logits, before_logits, rtol=0, atol=1e-6)
-        _train(engine, dynrank, 3, rank, seed=20)
+        train_steps(dynrank, 3, rank, seed=20)
         final = _states(io, adapters)
         for name, layer in adapters:
             dead = [i for i in range(layer.capacity) if i not in layer.live_slots()]
@@ -131,37 +99,4 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
 @pytest.mark.deepspeed
 def test_masked_event_under_every_zero_stage(run_distributed, tmp_path):
     run_distributed(_event_worker, tmp_path)
-    for stage in STAGES:
-        mine = torch.load(tmp_path / f"masked_stage{stage}_rank0.pt")
-        other = torch.load(tmp_path / f"masked_stage{stage}_rank1.pt")
-        for key in mine:
-            for a, b in zip(mine[key], other[key]):
-                assert torch.equal(a, b), f"ranks disagree on {key} under ZeRO-{stage}"
-
-
-def _identity_worker(rank: int, world: int, out_dir: Path) -> None:
-    from ds_dynrank.allocation import identity_plan
-
-    curves = {}
-    for stage in (2, 3):
-        for mode in ("uninterrupted", "identity"):
-            engine, dynrank, adapters = _build(stage)
-            losses = _train(engine, dynrank, 3, rank, seed=30)
-            if mode == "identity":
-                dynrank.reallocate(identity_plan([layer.live_slots() for _, layer in adapters]))
-                for _, layer in adapters:  # and a full read/write round trip of every tensor's state
-                    for p in (layer.lora_A, layer.lora_B, layer.lora_gate):
-                        dynrank.io.write(p, dynrank.io.read(p))
-            losses += _train(engine, dynrank, 3, rank, seed=40)
-            curves[(stage, mode)] = losses
-            engine.destroy()
-    torch.save(curves, out_dir / f"identity_rank{rank}.pt")
-
-
-@pytest.mark.deepspeed
-def test_identity_event_leaves_the_loss_curve_unchanged(run_distributed, tmp_path):
-    run_distributed(_identity_worker, tmp_path)
-    for rank in range(2):
-        curves = torch.load(tmp_path / f"identity_rank{rank}.pt")
-        for stage in (2, 3):
-            assert curves[(stage, "identity")] == curves[(stage, "uninterrupted")], f"ZeRO-{stage}"
+    assert_ranks_identical(tmp_path, "masked", STAGES)

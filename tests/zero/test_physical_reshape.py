@@ -1,7 +1,7 @@
 """The physical backend under ZeRO 0-3, 2 real processes: shapes really change. Surviving slots carry their fp32
 values and both Adam moments bit for bit into the rebuilt engine, born slots are seeded with B = 0, gate 1 and
-zero moments, the function is preserved, the trainable parameter count is what the new ranks imply, an identity
-rebuild leaves the loss curve unchanged, and ten rebuilds leak no engine and no memory."""
+zero moments, the function is preserved, the trainable parameter count is what the new ranks imply, and ten
+rebuilds leak no engine and no memory. (Identity events: test_identity_events.py.)"""
 
 from __future__ import annotations
 
@@ -10,54 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import assert_ranks_identical, build_dynrank, train_steps
 from test_masked_reshape import forced_plan
-
-from ds_dynrank import inject_lora
 
 STAGES = (0, 1, 2, 3)
 SECTION = {"method": "l1ra", "r": 4, "reshape": {"backend": "physical"}, "schedule": {"start": 1000},
            "l1ra": {"l1_lambda": 0.0}}  # fmt: skip
 
 
-def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR",
-                      "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 2,
-                                 "total_num_steps": 40}},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**6, "stage3_param_persistence_threshold": 0},
-    }  # fmt: skip
-
-
 def build(stage: int):
-    import deepspeed
-
-    from ds_dynrank.config import from_ds_config
-    from ds_dynrank.hook import DynRank, optimizer_groups
-
-    cfg = from_ds_config({"dynrank": SECTION})
-    model = tiny_llama(seed=0)
-    adapters = inject_lora(model, cfg)
-    config = ds_config(stage)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=config)
-    return DynRank(engine, cfg, adapters, total_steps=100, ds_config=config)
+    return build_dynrank(stage, SECTION)
 
 
-def train(dynrank, steps: int, rank: int, seed: int) -> list[float]:
-    data, losses = torch.Generator().manual_seed(seed + rank), []
-    for _ in range(steps * 2):
-        ids = torch.randint(0, 128, (2, 12), generator=data)
-        engine = dynrank.engine  # a physical event replaces the engine
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        dynrank.after_step()
-        losses.append(loss.item())
-    return losses
+train = train_steps
 
 
 def states(dynrank) -> dict:
@@ -125,38 +90,7 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
 @pytest.mark.deepspeed
 def test_physical_event_under_every_zero_stage(run_distributed, tmp_path):
     run_distributed(_event_worker, tmp_path)
-    for stage in STAGES:
-        mine = torch.load(tmp_path / f"physical_stage{stage}_rank0.pt")
-        other = torch.load(tmp_path / f"physical_stage{stage}_rank1.pt")
-        assert mine.keys() == other.keys()
-        for key in mine:
-            for a, b in zip(mine[key], other[key]):
-                assert torch.equal(a, b), f"ranks disagree on {key} under ZeRO-{stage}"
-
-
-def _identity_worker(rank: int, world: int, out_dir: Path) -> None:
-    from ds_dynrank.allocation import identity_plan
-
-    curves = {}
-    for stage in STAGES:
-        for mode in ("uninterrupted", "rebuilt"):
-            dynrank = build(stage)
-            losses = train(dynrank, 3, rank, seed=30)
-            if mode == "rebuilt":
-                dynrank.reallocate(identity_plan([layer.live_slots() for _, layer in dynrank.adapters]))
-            losses += train(dynrank, 4, rank, seed=40)
-            curves[(stage, mode)] = losses + [dynrank.engine.get_lr()[0]]
-            dynrank.engine.destroy()
-    torch.save(curves, out_dir / f"identity_rank{rank}.pt")
-
-
-@pytest.mark.deepspeed
-def test_identity_rebuild_leaves_the_loss_curve_unchanged(run_distributed, tmp_path):
-    run_distributed(_identity_worker, tmp_path)
-    for rank in range(2):
-        curves = torch.load(tmp_path / f"identity_rank{rank}.pt")
-        for stage in STAGES:
-            assert curves[(stage, "rebuilt")] == curves[(stage, "uninterrupted")], f"ZeRO-{stage}"
+    assert_ranks_identical(tmp_path, "physical", STAGES)
 
 
 def _leak_worker(rank: int, world: int, out_dir: Path) -> None:

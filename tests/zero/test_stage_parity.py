@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_ds_config, tiny_llama
 
 from ds_dynrank import DynRankConfig, inject_lora, iter_lora, lora_parameters
 
@@ -16,14 +16,7 @@ STEPS, ACCUMULATION = 3, 2
 
 
 def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": ACCUMULATION,
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**6, "stage3_param_persistence_threshold": 0},
-    }
+    return {**tiny_ds_config(stage, accumulation=ACCUMULATION), "gradient_clipping": 1.0}
 
 
 def _train_every_stage(rank: int, world: int, out_dir: Path) -> None:
