@@ -102,14 +102,16 @@ class DynRank:
             encoded = torch.zeros(sum(capacity_M) + len(capacity_M), dtype=torch.int64)
         plan = Plan.decode(dist.broadcast(encoded.to(self.engine.device), src=0).cpu(), capacity_M)
         changed_slots = plan.slots_changed(live)
-        if self.cfg.reshape.backend == "physical":
-            self._rebuild(plan)
+        if not any(plan.changes(live)):
+            pass  # nothing moves: no state is touched and no engine is rebuilt
+        elif self.cfg.reshape.backend == "physical":
+            self.rebuild(plan)
         else:
             apply_masked(plan, self.adapters, self.io, seed=self.cfg.seed, step=self.applied_steps)
         self.check_consistent()
         return self._record(self.applied_steps, changed_slots, time.perf_counter() - start)
 
-    def _rebuild(self, plan: Plan) -> None:
+    def rebuild(self, plan: Plan) -> None:
         """Physical backend: gather every adapter's full state, build layers at the new ranks, rebuild the engine
         over them and write the carried fp32 values and Adam moments back. Pruned ranks free their memory."""
         tensors = [t for _, layer in self.adapters for t in (layer.lora_A, layer.lora_B, layer.lora_gate)

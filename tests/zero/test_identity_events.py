@@ -1,5 +1,6 @@
 """An identity event (no rank changes) leaves training exactly as if it never happened, for both backends under
-ZeRO 0-3: the masked backend also rewrites every tensor's full state, the physical one rebuilds the engine."""
+ZeRO 0-3, also when the backend is forced to do its full work: the masked backend rewrites every tensor's full
+state, the physical one rebuilds the engine."""
 
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
                 dynrank = build_dynrank(stage, _section(backend))
                 losses = train_steps(dynrank, 3, rank, seed=30)
                 if mode == "event":
-                    dynrank.reallocate(identity_plan([layer.live_slots() for _, layer in dynrank.adapters]))
-                    if backend == "masked":  # and a full read/write round trip of every tensor's state
+                    plan = identity_plan([layer.live_slots() for _, layer in dynrank.adapters])
+                    dynrank.reallocate(plan)  # skips the reshape: nothing moves
+                    if backend == "physical":
+                        dynrank.rebuild(plan)  # force the full gather / teardown / re-initialize / restore
+                    else:  # force a full read/write round trip of every tensor's state
                         tensors = [t for _, layer in dynrank.adapters for t in (layer.lora_A, layer.lora_B,
                                                                                layer.lora_gate)]  # fmt: skip
                         for t, state in zip(tensors, dynrank.io.read_many(tensors)):
