@@ -101,6 +101,7 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.data import collate_train
     from ds_dynrank.ds_config import resolve
     from ds_dynrank.evaluation import evaluate
+    from ds_dynrank.export import gather_full, write_peft_adapter
     from ds_dynrank.hook import DynRank, optimizer_groups
     from ds_dynrank.lora import lora_parameters
     from ds_dynrank.runtime import local_world_size, share_cpu_threads
@@ -193,8 +194,11 @@ def train(args: argparse.Namespace) -> dict:
         "budget_unit": dynrank.bounds.unit,
         "eval_history": history,
     }
+    full = gather_full(dynrank.adapters)  # collective: every rank takes part
     if dist.is_main():
         outputs.write_json(output_dir / "metrics.json", metrics)
+        base = getattr(engine.module, "name_or_path", None) or str(args.model)
+        write_peft_adapter(output_dir / "adapter", dynrank.adapters, full, base_model=base)
         print(
             f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after {engine.global_steps} "
             f"steps in {wall:.0f} s; outputs in {output_dir}",

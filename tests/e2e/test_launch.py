@@ -53,6 +53,9 @@ def _check_outputs(out: Path, world: int, stage: int) -> dict:
     assert [h["step"] for h in metrics["eval_history"]] == [0, 3, 6]
     allocation = json.loads((out / "allocation.json").read_text())
     assert len(allocation) == 14 and set(allocation.values()) == {8}
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())  # the stock PEFT export
+    assert adapter["peft_type"] == "LORA" and adapter["rank_pattern"] == allocation
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
     tags = _tensorboard_tags(out)
     for tag in ("Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/samples_per_sec", "Eval/accuracy",
                 "Eval/eval_loss", "DynRank/budget/rank_total"):  # fmt: skip
