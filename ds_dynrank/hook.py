@@ -62,6 +62,22 @@ class DynRank:
         self.method.on_attach(engine)
         self._record(step=0, slots_changed=0, seconds=0.0)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond DeepSpeed's own state (masks and gates are module state already)."""
+        return {"version": 1, "method": self.cfg.method, "applied_steps": self.applied_steps,
+                "history": self.history, "budget": self.budget}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint: call after engine.load_checkpoint (DeepSpeed restored its counters)."""
+        if state.get("method") != self.cfg.method:
+            raise ValueError(f"checkpoint method {state.get('method')!r} != config method {self.cfg.method!r}")
+        self.applied_steps, self.history, self.budget = state["applied_steps"], state["history"], state["budget"]
+        self._seen_global_steps = self.engine.global_steps
+        self.method.on_attach(self.engine)
+        if self.output_dir is not None and dist.is_main():
+            outputs.write_json(self.output_dir / "allocation_history.json", self.history)
+            outputs.write_json(self.output_dir / "allocation.json", self.history[-1]["ranks"])
+
     def ranks(self) -> list[int]:
         return [layer.rank for _, layer in self.adapters]
 

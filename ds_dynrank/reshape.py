@@ -103,3 +103,9 @@ def swap_layers(model, adapters: list[tuple[str, LoRALinear]], layers: list[LoRA
     for (name, _), layer in zip(adapters, layers):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
+
+
+def resize_to(model, adapters: list[tuple[str, LoRALinear]], ranks: dict[str, int]) -> list[tuple[str, LoRALinear]]:
+    """Physical backend, before the engine exists: layers at the given ranks (values come from a checkpoint)."""
+    swap_layers(model, adapters, [layer.resized(ranks[name]) for name, layer in adapters])
+    return sorted((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))

@@ -37,6 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_samples", type=int, default=300, help="held-out examples to evaluate (0: all)")
     p.add_argument("--eval_batch_size", type=int, default=8)
     p.add_argument("--output_dir", default=None, help="default: runs/<timestamp>")
+    p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N optimizer steps (0: only at end)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint: 'latest' in --output_dir (the default), a checkpoint root or tag",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dist_timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
@@ -44,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_steps", "eval_batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name}: must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_interval", "eval_samples"):
+    if args.resume == "latest" and not args.output_dir:
+        raise UserInputError("--resume: resuming the latest checkpoint needs the run's --output_dir")
+    for name in ("eval_interval", "eval_samples", "save_interval"):
         if getattr(args, name) < 0:
             raise UserInputError(f"--{name}: must be >= 0, got {getattr(args, name)}")
     return args
@@ -55,11 +65,13 @@ def prepare(args: argparse.Namespace):
     import torch
     from transformers import set_seed
 
+    from ds_dynrank import checkpoint
     from ds_dynrank.config import from_ds_config, load_ds_config
     from ds_dynrank.data import build_task
     from ds_dynrank.dist import check_launch_env
     from ds_dynrank.inject import inject_lora
     from ds_dynrank.models import load_model_and_tokenizer
+    from ds_dynrank.reshape import resize_to
 
     ds_config = load_ds_config(args.deepspeed)
     dyn_cfg = from_ds_config(ds_config)
@@ -76,7 +88,16 @@ def prepare(args: argparse.Namespace):
         max_eval_samples=args.eval_samples or None,
     )
     adapters = inject_lora(model, dyn_cfg)
-    return ds_config, dyn_cfg, model, task, adapters
+    resume = None
+    if args.resume:
+        root, tag = checkpoint.resolve(args.resume, Path(args.output_dir or ".") / "checkpoints")
+        ranks = checkpoint.saved_allocation(root, tag, dyn_cfg.method)
+        if sorted(ranks) != [name for name, _ in adapters]:
+            raise UserInputError(f"--resume: checkpoint {root / tag} adapts other modules than this model and config")
+        if dyn_cfg.dynamic and dyn_cfg.reshape.backend == "physical":
+            adapters = resize_to(model, adapters, ranks)  # shapes must match before DeepSpeed loads the state
+        resume = (root, tag)
+    return ds_config, dyn_cfg, model, task, adapters, resume
 
 
 def shared_output_dir(args: argparse.Namespace) -> Path:
@@ -97,7 +118,7 @@ def train(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler
     from tqdm import tqdm
 
-    from ds_dynrank import dist, monitor, outputs
+    from ds_dynrank import checkpoint, dist, monitor, outputs
     from ds_dynrank.data import collate_train
     from ds_dynrank.ds_config import resolve
     from ds_dynrank.evaluation import evaluate
@@ -107,7 +128,7 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.runtime import local_world_size, share_cpu_threads
     from ds_dynrank.zero import full_numel
 
-    ds_config, dyn_cfg, model, task, adapters = prepare(args)
+    ds_config, dyn_cfg, model, task, adapters, resume = prepare(args)
     dist.init(timeout_s=args.dist_timeout)
     output_dir = shared_output_dir(args)
     accel = get_accelerator()
@@ -138,13 +159,32 @@ def train(args: argparse.Namespace) -> dict:
         monitor.write(engine.monitor, monitor.scalar_events("Eval", result, engine.global_samples))
         return result
 
-    baseline = run_eval()
-    history = [{"step": 0, **baseline}]
-    bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc="train", dynamic_ncols=True)
-    start, epoch, window_loss, window_micro = time.time(), 0, torch.zeros(1), 0
+    loop = {"epoch": 0, "batch": 0}  # where the next micro-batch comes from: resumed runs see the same data
+    if resume:
+        _, client = engine.load_checkpoint(str(resume[0]), tag=resume[1], load_module_strict=False)
+        if client is None:
+            raise UserInputError(f"--resume: DeepSpeed could not load {resume[0] / resume[1]}")
+        dynrank.load_state_dict(client["dynrank"])
+        loop, history, baseline = client["loop"], client["eval_history"], client["baseline"]
+    else:
+        baseline = run_eval()
+        history = [{"step": 0, **baseline}]
+
+    def save_checkpoint() -> None:
+        client = {"dynrank": dynrank.state_dict(), "loop": dict(loop), "eval_history": history, "baseline": baseline}
+        ranks = {name: layer.rank for name, layer in dynrank.adapters}
+        tag = f"step{dynrank.engine.global_steps}"
+        checkpoint.save(dynrank.engine, output_dir / "checkpoints", tag, client, ranks, dyn_cfg.method)
+
+    bar = tqdm(total=args.max_steps, initial=engine.global_steps, disable=not dist.is_main(), desc="train",
+               dynamic_ncols=True)  # fmt: skip
+    start, window_loss, window_micro = time.time(), torch.zeros(1), 0
     while engine.global_steps < args.max_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
+        sampler.set_epoch(loop["epoch"])
+        for index, batch in enumerate(loader):
+            if index < loop["batch"]:
+                continue  # consumed before the checkpoint we resumed from
+            loop["batch"] = index + 1
             engine = dynrank.engine  # replaced by a physical re-allocation event
             loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
             engine.backward(loss + dynrank.penalty())
@@ -168,13 +208,17 @@ def train(args: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 history.append({"step": step, **run_eval()})
+            if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
+                save_checkpoint()
             if step >= args.max_steps:
                 break
-        epoch += 1
+        else:
+            loop = {"epoch": loop["epoch"] + 1, "batch": 0}
     bar.close()
     engine = dynrank.engine
     final = run_eval()
     history.append({"step": engine.global_steps, **final})
+    save_checkpoint()
     wall = time.time() - start
     metrics = {
         "metric": "accuracy",

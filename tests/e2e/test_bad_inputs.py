@@ -29,6 +29,8 @@ CASES = {
                       r"^error: --model: local path not found: .*no_such_model$"),
     "unknown_column": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--text_column", "review"],
                        r"^error: --text_column: column 'review' not in the dataset \(its columns: text, label\)$"),
+    "missing_checkpoint": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--resume", str(tmp / "nothing")],
+                           r"^error: --resume: no checkpoint in .*nothing \(expected a 'latest' file or "),
     "bad_flag_value": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--max_steps", "0"],
                        r"^error: --max_steps: must be >= 1, got 0$"),
 }  # fmt: skip

@@ -1,0 +1,71 @@
+"""Checkpoints: DeepSpeed's own save/load, plus the allocator's and the loop's state, committed atomically.
+
+Layout: `<root>/<tag>/` holds DeepSpeed's files (frozen base weights excluded: they come from the model source)
+and `dynrank_allocation.json` (the ranks, read before the engine exists so the physical backend can rebuild the
+adapters at their saved shapes). `<root>/latest` names the newest complete tag. It is written last, atomically,
+after every rank has finished writing, so a crash during a save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ds_dynrank import dist, outputs
+from ds_dynrank.errors import UserInputError
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+ALLOCATION = "dynrank_allocation.json"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, root: Path, tag: str, client_state: dict, ranks: dict[str, int], method: str) -> Path:
+    """Collective: every rank writes its part, then rank 0 commits `latest`."""
+    root.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)  # fmt: skip
+    if dist.is_main():
+        outputs.write_json(root / tag / ALLOCATION, {"version": FORMAT_VERSION, "method": method, "ranks": ranks})
+    dist.barrier()
+    if dist.is_main():
+        _write_text_atomic(root / LATEST, tag)
+    dist.barrier()
+    return root / tag
+
+
+def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
+    """(root, tag) for `--resume`: "latest" (in this run's checkpoints), a checkpoint root holding `latest`, or
+    one tag directory. Errors name what was looked for."""
+    path = default_root if resume in ("", "latest") else Path(resume).expanduser()
+    if (path / LATEST).is_file():
+        root, tag = path, (path / LATEST).read_text().strip()
+    elif (path / ALLOCATION).is_file():
+        root, tag = path.parent, path.name
+    else:
+        raise UserInputError(f"--resume: no checkpoint in {path} (expected a '{LATEST}' file or {ALLOCATION})")
+    if not (root / tag / ALLOCATION).is_file():
+        raise UserInputError(f"--resume: checkpoint {root / tag} is incomplete (no {ALLOCATION})")
+    return root, tag
+
+
+def saved_allocation(root: Path, tag: str, method: str) -> dict[str, int]:
+    """The ranks saved with a checkpoint, after checking it is one this version and method can continue."""
+    meta = json.loads((root / tag / ALLOCATION).read_text())
+    if meta.get("version") != FORMAT_VERSION:
+        raise UserInputError(f"--resume: checkpoint format {meta.get('version')}, this version reads {FORMAT_VERSION}")
+    if meta.get("method") != method:
+        raise UserInputError(
+            f"--resume: checkpoint was trained with method {meta.get('method')!r}, config says {method!r}"
+        )
+    return meta["ranks"]
