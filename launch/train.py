@@ -122,7 +122,7 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.data import collate_train
     from ds_dynrank.ds_config import resolve
     from ds_dynrank.evaluation import evaluate
-    from ds_dynrank.export import gather_full, write_peft_adapter
+    from ds_dynrank.export import export_settings, from_adapters, gather_full, write_peft_adapter
     from ds_dynrank.hook import DynRank, optimizer_groups
     from ds_dynrank.lora import lora_parameters
     from ds_dynrank.runtime import local_world_size, share_cpu_threads
@@ -170,11 +170,14 @@ def train(args: argparse.Namespace) -> dict:
         baseline = run_eval()
         history = [{"step": 0, **baseline}]
 
+    base_model = getattr(model, "name_or_path", None) or str(args.model)
+
     def save_checkpoint() -> None:
         client = {"dynrank": dynrank.state_dict(), "loop": dict(loop), "eval_history": history, "baseline": baseline}
-        ranks = {name: layer.rank for name, layer in dynrank.adapters}
-        tag = f"step{dynrank.engine.global_steps}"
-        checkpoint.save(dynrank.engine, output_dir / "checkpoints", tag, client, ranks, dyn_cfg.method)
+        meta = {"method": dyn_cfg.method, "base_model": base_model, **export_settings(dynrank.adapters),
+                "ranks": {name: layer.rank for name, layer in dynrank.adapters},
+                "scaling": {name: layer.scaling for name, layer in dynrank.adapters}}  # fmt: skip
+        checkpoint.save(dynrank.engine, output_dir / "checkpoints", f"step{dynrank.engine.global_steps}", client, meta)
 
     bar = tqdm(total=args.max_steps, initial=engine.global_steps, disable=not dist.is_main(), desc="train",
                dynamic_ncols=True)  # fmt: skip
@@ -241,8 +244,8 @@ def train(args: argparse.Namespace) -> dict:
     full = gather_full(dynrank.adapters)  # collective: every rank takes part
     if dist.is_main():
         outputs.write_json(output_dir / "metrics.json", metrics)
-        base = getattr(engine.module, "name_or_path", None) or str(args.model)
-        write_peft_adapter(output_dir / "adapter", dynrank.adapters, full, base_model=base)
+        write_peft_adapter(output_dir / "adapter", from_adapters(dynrank.adapters, full), base_model=base_model,
+                           **export_settings(dynrank.adapters))  # fmt: skip
         print(
             f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after {engine.global_steps} "
             f"steps in {wall:.0f} s; outputs in {output_dir}",

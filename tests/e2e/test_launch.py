@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import PYTHON, REPO, subprocess_env
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -34,6 +35,25 @@ def _tensorboard_tags(out: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _check_export_from_checkpoint(out: Path) -> None:
+    """`python -m ds_dynrank export` from the run's final checkpoint (no model, no engine) reproduces the adapter
+    the run exported itself, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    again = out / "exported_again"
+    result = subprocess.run([PYTHON, "-m", "ds_dynrank", "export", str(out), str(again)], cwd=REPO,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (json.loads((d / "adapter_config.json").read_text()) for d in (out / "adapter", again))
+    for config in (first, second):  # PEFT keeps target_modules as a set: its order in the file is arbitrary
+        config["target_modules"] = sorted(config["target_modules"])
+    assert first == second
+    mine, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "adapter", again))
+    assert mine.keys() == theirs.keys() and len(mine) == 28
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
 def _check_outputs(out: Path, world: int, stage: int) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metric"] == "accuracy" and 0.0 <= metrics["value"] <= 1.0
@@ -55,7 +75,7 @@ def _check_outputs(out: Path, world: int, stage: int) -> dict:
     assert len(allocation) == 14 and set(allocation.values()) == {8}
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())  # the stock PEFT export
     assert adapter["peft_type"] == "LORA" and adapter["rank_pattern"] == allocation
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    _check_export_from_checkpoint(out)
     tags = _tensorboard_tags(out)
     for tag in ("Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/samples_per_sec", "Eval/accuracy",
                 "Eval/eval_loss", "DynRank/budget/rank_total"):  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds_dynrank import DynRankConfig, inject_lora
-from ds_dynrank.export import gather_full, write_peft_adapter
+from ds_dynrank.export import export_settings, from_adapters, gather_full, write_peft_adapter
 
 
 def _trained_like(model_dir, cfg: DynRankConfig):
@@ -43,7 +43,8 @@ def test_peft_loads_the_export_and_computes_the_same(tiny_model_dir, tmp_path, c
     from transformers import AutoModelForCausalLM
 
     model, adapters = _trained_like(tiny_model_dir, cfg)
-    out = write_peft_adapter(tmp_path / "adapter", adapters, gather_full(adapters), base_model=str(tiny_model_dir))
+    modules = from_adapters(adapters, gather_full(adapters))
+    out = write_peft_adapter(tmp_path / "adapter", modules, base_model=str(tiny_model_dir), **export_settings(adapters))
     config = json.loads((out / "adapter_config.json").read_text())
     dead = adapters[3][0]
     assert dead not in config["target_modules"] and dead not in config["rank_pattern"]
@@ -68,5 +69,5 @@ def test_nothing_live_is_an_error(tiny_model_dir, tmp_path):
     for _, layer in adapters:
         layer.rank_mask.zero_()
     with pytest.raises(ValueError, match="nothing to export"):
-        write_peft_adapter(tmp_path / "a", adapters, gather_full(adapters), base_model="x")
+        write_peft_adapter(tmp_path / "a", from_adapters(adapters, gather_full(adapters)), base_model="x")
     assert not (tmp_path / "a").exists()
