@@ -134,6 +134,11 @@ class DynRankConfig(_Section):
     module's initial rank for dynamic methods, the initial rank for `lora`. Slots beyond the initial rank start
     masked off."""
 
+    on_missed_event: Literal["error", "warn"] = "error"
+    """What happens when a dynamic method's first event is due but `DynRank.after_step()` was never called (a loop
+    or trainer that does not drive the allocator would otherwise train plain LoRA in silence): stop with an error,
+    or warn once and go on."""
+
     seed: int = 0
     """Seed of the generator that initialises re-born slots: the same on every rank, so all ranks agree."""
 

@@ -25,6 +25,10 @@ from ds_dynrank.schedule import resolve_schedule
 from ds_dynrank.zero import StateIO, capture, reinitialize, teardown
 
 
+class MissedAllocationError(RuntimeError):
+    """A dynamic method was configured but nothing drove its allocation events."""
+
+
 class AllocationMismatchError(RuntimeError):
     """Ranks hold different allocations after an event: continuing would silently train different models."""
 
@@ -60,7 +64,26 @@ class DynRank:
         self.budget = self.budget_in_use()
         self.history: list[dict] = []
         self.method.on_attach(engine)
+        self._warned_missed = False
+        if cfg.dynamic:  # the model's forward runs every step, whoever drives the loop
+            engine.module.register_forward_pre_hook(self._check_driven)
         self._record(step=0, slots_changed=0, seconds=0.0)
+
+    def _check_driven(self, *_) -> None:
+        """Loud failure instead of silent plain LoRA: the first event is due and after_step() never ran."""
+        steps = self.engine.global_steps - self.engine.skipped_steps
+        if self.applied_steps >= self.schedule.start or steps < self.schedule.start or self._warned_missed:
+            return
+        message = (
+            f"dynrank: method {self.cfg.method!r} should have re-allocated at optimizer step {self.schedule.start}, "
+            f"but DynRank.after_step() was not called after engine.step() ({steps} steps applied, "
+            f"{self.applied_steps} seen): the run would silently train plain LoRA. Call dynrank.after_step() after "
+            "every engine.step(), or set dynrank.on_missed_event to 'warn'."
+        )
+        if self.cfg.on_missed_event == "error":
+            raise MissedAllocationError(message)
+        self._warned_missed = True
+        warnings.warn(message, stacklevel=2)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs beyond DeepSpeed's own state (masks and gates are module state already)."""

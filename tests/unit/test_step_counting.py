@@ -17,8 +17,8 @@ class SteppingEngine:
     zero_optimization_stage = staticmethod(lambda: 0)
     global_samples, monitor, device = 0, None, "cpu"
 
-    def __init__(self) -> None:
-        self.global_steps, self.applied, self.optimizer = 0, True, None
+    def __init__(self, module) -> None:
+        self.global_steps, self.skipped_steps, self.applied, self.optimizer, self.module = 0, 0, True, None, module
 
     def was_step_applied(self) -> bool:
         return self.applied
@@ -26,8 +26,9 @@ class SteppingEngine:
 
 def test_only_applied_boundary_steps_count_and_trigger_events(monkeypatch):
     cfg = from_ds_config({"dynrank": {"method": "l1ra", "r": 2, "schedule": {"start": 2, "interval": 2}}})
-    adapters = inject_lora(tiny_llama(), cfg)
-    engine = SteppingEngine()
+    model = tiny_llama()
+    adapters = inject_lora(model, cfg)
+    engine = SteppingEngine(model)
     monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.on_attach", lambda self, e: None)
     monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.after_optimizer_step", lambda self, e, io, a: None)
     dynrank = DynRank(engine, cfg, adapters, total_steps=20)
