@@ -137,7 +137,7 @@ def train(args: argparse.Namespace) -> dict:
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
     groups = optimizer_groups(dyn_cfg, adapters)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    trainable = sum(full_numel(p) for p in lora_parameters(model))
+    trainable_initial = sum(full_numel(p) for p in lora_parameters(model))
     dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir,
                       ds_config=ds_config)  # fmt: skip
 
@@ -232,7 +232,8 @@ def train(args: argparse.Namespace) -> dict:
         "steps": engine.global_steps,
         "samples": engine.global_samples,
         "wall_seconds": round(wall, 2),
-        "trainable_parameters": trainable,
+        "trainable_parameters": sum(full_numel(p) for p in lora_parameters(engine.module)),  # physical: changes
+        "trainable_parameters_initial": trainable_initial,
         "world_size": dist.world_size(),
         "zero_stage": engine.zero_optimization_stage(),
         "method": dyn_cfg.method,
