@@ -63,6 +63,9 @@ def test_load_ds_config_errors(tmp_path):
 def test_shipped_configs_validate_and_resolve(path, tmp_path):
     raw = load_ds_config(path)
     assert isinstance(from_ds_config(raw), DynRankConfig)
+    if path.name.startswith("hf_"):  # for HF Trainer, which resolves its own "auto" values
+        assert "optimizer" not in raw and "scheduler" not in raw
+        return
     assert raw["tensorboard"]["enabled"] is True and "dynrank" in raw
     cpu = resolve(raw, max_steps=40, output_dir=tmp_path, bf16_supported=False)
     gpu = resolve(raw, max_steps=40, output_dir=tmp_path, bf16_supported=True)
