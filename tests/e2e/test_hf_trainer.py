@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 
 @pytest.mark.e2e
