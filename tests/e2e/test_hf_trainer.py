@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import PYTHON, REPO, subprocess_env
 
 
 @pytest.mark.e2e
@@ -48,7 +48,7 @@ def test_trainer_drives_l1ra_and_ranks_agree(tiny_model_dir, tiny_csv, tmp_path)
 @pytest.mark.e2e
 def test_trainer_config_with_an_optimizer_is_refused(tiny_model_dir, tiny_csv, tmp_path):
     cmd = [
-        "python",
+        PYTHON,
         str(REPO / "launch" / "train_hf.py"),
         "--deepspeed",
         str(REPO / "ds_configs" / "zero2_l1ra.json"),
