@@ -79,3 +79,14 @@ def saved_allocation(root: Path, tag: str, method: str) -> dict[str, int]:
             f"--resume: checkpoint was trained with method {meta.get('method')!r}, config says {method!r}"
         )
     return meta["ranks"]
+
+
+def check_world_size(root: Path, tag: str, world_size: int) -> None:
+    """DeepSpeed's ZeRO checkpoints reload only at the data-parallel size they were saved with (its universal
+    checkpoint format, which reshards, is not wired in yet): say so before training, not in a traceback."""
+    saved = read_meta(root, tag).get("world_size")
+    if saved is not None and saved != world_size:
+        raise UserInputError(
+            f"--resume: checkpoint {root / tag} was saved by {saved} processes and this run has {world_size}; "
+            f"DeepSpeed reloads ZeRO optimizer state only at the same data-parallel size: relaunch with {saved}"
+        )

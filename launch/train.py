@@ -92,6 +92,7 @@ def prepare(args: argparse.Namespace):
     if args.resume:
         root, tag = checkpoint.resolve(args.resume, Path(args.output_dir or ".") / "checkpoints")
         ranks = checkpoint.saved_allocation(root, tag, dyn_cfg.method)
+        checkpoint.check_world_size(root, tag, int(os.environ.get("WORLD_SIZE", "1")))
         if sorted(ranks) != [name for name, _ in adapters]:
             raise UserInputError(f"--resume: checkpoint {root / tag} adapts other modules than this model and config")
         if dyn_cfg.dynamic and dyn_cfg.reshape.backend == "physical":
@@ -174,7 +175,8 @@ def train(args: argparse.Namespace) -> dict:
 
     def save_checkpoint() -> None:
         client = {"dynrank": dynrank.state_dict(), "loop": dict(loop), "eval_history": history, "baseline": baseline}
-        meta = {"method": dyn_cfg.method, "base_model": base_model, **export_settings(dynrank.adapters),
+        meta = {"method": dyn_cfg.method, "base_model": base_model, "world_size": dist.world_size(),
+                **export_settings(dynrank.adapters),
                 "ranks": {name: layer.rank for name, layer in dynrank.adapters},
                 "scaling": {name: layer.scaling for name, layer in dynrank.adapters}}  # fmt: skip
         checkpoint.save(dynrank.engine, output_dir / "checkpoints", f"step{dynrank.engine.global_steps}", client, meta)
