@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ds_dynrank import dist, outputs
 from ds_dynrank.errors import UserInputError
 
@@ -36,6 +38,7 @@ def save(engine, root: Path, tag: str, client_state: dict, meta: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)  # fmt: skip
+    torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")  # dropout draws differ per rank
     if dist.is_main():
         outputs.write_json(root / tag / ALLOCATION, {"version": FORMAT_VERSION, **meta})
     dist.barrier()
@@ -43,6 +46,23 @@ def save(engine, root: Path, tag: str, client_state: dict, meta: dict) -> Path:
         _write_text_atomic(root / LATEST, tag)
     dist.barrier()
     return root / tag
+
+
+def rng_state() -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    return {"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+
+
+def restore_rng(root: Path, tag: str) -> None:
+    """This rank's RNG as it was at the save, so dropout continues exactly (call right before training goes on)."""
+    from deepspeed.accelerator import get_accelerator
+
+    path = root / tag / f"rng_rank{dist.rank()}.pt"
+    if path.is_file():
+        state = torch.load(path, weights_only=False)
+        torch.set_rng_state(state["torch"])
+        get_accelerator().set_rng_state(state["accelerator"])
 
 
 def resolve(resume: str, default_root: Path) -> tuple[Path, str]:

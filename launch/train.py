@@ -150,6 +150,7 @@ def train(args: argparse.Namespace) -> dict:
         batch_size=engine.train_micro_batch_size_per_gpu(),
         sampler=sampler,
         collate_fn=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
+        generator=torch.Generator().manual_seed(args.seed),  # iter() draws from it, not from dropout's global RNG
     )
 
     def run_eval() -> dict[str, float]:
@@ -167,6 +168,7 @@ def train(args: argparse.Namespace) -> dict:
             raise UserInputError(f"--resume: DeepSpeed could not load {resume[0] / resume[1]}")
         dynrank.load_state_dict(client["dynrank"])
         loop, history, baseline = client["loop"], client["eval_history"], client["baseline"]
+        checkpoint.restore_rng(*resume)
     else:
         baseline = run_eval()
         history = [{"step": 0, **baseline}]

@@ -21,6 +21,7 @@ def _config(tmp_path: Path, name: str) -> str:
     cfg = json.loads((REPO / "ds_configs" / name).read_text())
     cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
     cfg["dynrank"]["schedule"].update(interval=2)
+    cfg["dynrank"]["lora_dropout"] = 0.1  # exact continuation then needs each rank's RNG state back
     path = tmp_path / "l1ra.json"
     path.write_text(json.dumps(cfg))
     return str(path)
