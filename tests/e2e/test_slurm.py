@@ -34,6 +34,8 @@ def packages() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(packages, tmp_path_factory):
+    if os.geteuid() != 0:
+        _unavailable("slurmd runs as root (SlurmUser=root) in this test cluster")
     cluster = Cluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
@@ -107,6 +109,37 @@ def test_srun_mpi_pmix_two_nodes(cluster, tiny_model_dir, tiny_csv, tmp_path):
     sums = _checksums(text)
     assert sorted(sums) == [0, 1] and sums[0] == sums[1], text[-3000:]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.e2e
+def test_deepspeed_per_node_and_mpirun_in_sbatch(cluster, tiny_model_dir, tiny_csv, tmp_path):
+    """deepspeed.sbatch (the launcher once per node, hostfile) and mpi.sbatch's mpirun variant, side by side."""
+    mpirun = {
+        "DS_DYNRANK_MPIRUN": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_btl": "self,tcp",
+        "OMPI_MCA_btl_tcp_if_include": "lo",
+        "OMPI_MCA_oob_tcp_if_include": "lo",
+    }
+    jobs = {"deepspeed": ({"HOSTFILE": str(tmp_path / "hostfile")}, "deepspeed.sbatch"),
+            "mpirun": (mpirun, "mpi.sbatch")}  # fmt: skip
+    submitted = {}
+    for name, (extra, script) in jobs.items():
+        env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(_free_port()), **extra)  # fmt: skip
+        args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, tmp_path / name, 2)
+        log = tmp_path / f"{name}.out"
+        submitted[name] = (cluster.submit(REPO / "launch" / "slurm" / script, args, env=env, cwd=tmp_path,
+                                          output=log), log)  # fmt: skip
+    for name, (job, log) in submitted.items():
+        fields = cluster.wait(job, timeout=240)
+        text = log.read_text()
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{name} {fields}\n{text[-5000:]}"
+        sums = _checksums(text)
+        assert sorted(sums) == [0, 1] and sums[0] == sums[1], f"{name}\n{text[-3000:]}"
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["world_size"] == 2
+    assert (tmp_path / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
 
 
 @pytest.mark.e2e
