@@ -112,8 +112,9 @@ def test_srun_mpi_pmix_two_nodes(cluster, tiny_model_dir, tiny_csv, tmp_path):
 
 
 @pytest.mark.e2e
-def test_deepspeed_per_node_and_mpirun_in_sbatch(cluster, tiny_model_dir, tiny_csv, tmp_path):
-    """deepspeed.sbatch (the launcher once per node, hostfile) and mpi.sbatch's mpirun variant, side by side."""
+def test_deepspeed_per_node_mpirun_and_single_node_sbatch(cluster, tiny_model_dir, tiny_csv, tmp_path):
+    """deepspeed.sbatch (the launcher once per node, hostfile), mpi.sbatch's mpirun variant and single_node.sbatch
+    (2 tasks on one node), queued together."""
     mpirun = {
         "DS_DYNRANK_MPIRUN": "1",
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
@@ -123,7 +124,7 @@ def test_deepspeed_per_node_and_mpirun_in_sbatch(cluster, tiny_model_dir, tiny_c
         "OMPI_MCA_oob_tcp_if_include": "lo",
     }
     jobs = {"deepspeed": ({"HOSTFILE": str(tmp_path / "hostfile")}, "deepspeed.sbatch"),
-            "mpirun": (mpirun, "mpi.sbatch")}  # fmt: skip
+            "mpirun": (mpirun, "mpi.sbatch"), "single_node": ({}, "single_node.sbatch")}  # fmt: skip
     submitted = {}
     for name, (extra, script) in jobs.items():
         env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
@@ -139,6 +140,7 @@ def test_deepspeed_per_node_and_mpirun_in_sbatch(cluster, tiny_model_dir, tiny_c
         sums = _checksums(text)
         assert sorted(sums) == [0, 1] and sums[0] == sums[1], f"{name}\n{text[-3000:]}"
         assert json.loads((tmp_path / name / "metrics.json").read_text())["world_size"] == 2
+        assert fields["NodeList"] == ("node1" if name == "single_node" else "node[1-2]"), fields
     assert (tmp_path / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
 
 
