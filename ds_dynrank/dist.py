@@ -101,8 +101,8 @@ def init(timeout_s: float = 600.0) -> None:
 
 
 def _other_mpi(env: Mapping[str, str]) -> bool:
-    """An MPI launcher we do not map ourselves (PMI/PMIx without Open MPI's or srun's variables)."""
-    return "PMI_SIZE" in env or "PMIX_RANK" in env
+    """A multi-process MPI launcher we do not map ourselves (MPICH's or Intel MPI's hydra sets PMI_SIZE)."""
+    return int(env.get("PMI_SIZE", "1")) > 1
 
 
 def _free_port() -> int:

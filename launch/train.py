@@ -201,7 +201,8 @@ def train(args: argparse.Namespace) -> dict:
             f"steps in {wall:.0f} s; outputs in {output_dir}",
             flush=True,
         )
-    print(f"allocation checksum {allocation_checksum(dynrank.adapters)} (rank {dist.rank()})", flush=True)
+    # one write (text and newline together) so lines from ranks sharing one stdout (mpirun, srun) do not interleave
+    print(f"allocation checksum {allocation_checksum(dynrank.adapters)} (rank {dist.rank()})\n", end="", flush=True)
     dist.barrier()
     return metrics
 

@@ -16,7 +16,7 @@ from slurm_cluster import Cluster, install_packages
 from test_launch import _tensorboard_tags
 
 TRAIN = str(REPO / "launch" / "train.py")
-CHECKSUM = re.compile(r"^allocation checksum ([0-9a-f]{16}) \(rank (\d)\)$", re.M)
+CHECKSUM = re.compile(r"allocation checksum ([0-9a-f]{16}) \(rank (\d+)\)")
 
 
 def _unavailable(reason: str) -> None:
