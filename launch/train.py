@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json          # 2 processes (CPU: gloo)
     torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero3.json
     python launch/train.py --deepspeed ds_configs/zero0.json                           # one process
+    mpirun -np 2 python launch/train.py ...; srun python launch/train.py ...           # see launch/slurm/
 
 Everything the user can get wrong (config, model, dataset, columns) is checked before DeepSpeed starts. The loop is
 explicit: forward, engine.backward, engine.step, evaluation every --eval_interval optimizer steps and at the end.
@@ -256,15 +257,35 @@ def train(args: argparse.Namespace) -> dict:
             f"steps in {wall:.0f} s; outputs in {output_dir}",
             flush=True,
         )
+    # one write (text and newline together) so lines from ranks sharing one stdout (mpirun, srun) do not interleave
+    print(f"allocation checksum {allocation_checksum(dynrank.adapters)} (rank {dist.rank()})\n", end="", flush=True)
     dist.barrier()
     return metrics
+
+
+def allocation_checksum(adapters) -> str:
+    """A short digest of {module: live rank}, printed by every rank so multi-node logs can be compared."""
+    import hashlib
+    import json
+
+    from ds_dynrank.outputs import allocation
+
+    return hashlib.sha256(json.dumps(allocation(adapters)).encode()).hexdigest()[:16]
+
+
+def _launch_rank() -> int:
+    """This process's rank as the launcher (deepspeed, torchrun, mpirun, srun) told it, before any process group."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_args(argv))
     except UserInputError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launch_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
