@@ -36,13 +36,15 @@ def _cmd(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
 def _losses(out: Path) -> dict[int, float]:
     """Train loss per sample count over every event file of the run (a resumed process writes its own)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
 
     losses = {}
     for path in sorted(out.rglob("events.out.tfevents.*"), key=os.path.getmtime):
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
-                if value.tag == "Train/Samples/train_loss":
-                    losses[event.step] = value.simple_value if value.HasField("simple_value") else value.tensor
+                if value.tag == "Train/Samples/train_loss":  # scalars may come migrated to tensor form
+                    scalar = value.simple_value if value.HasField("simple_value") else None
+                    losses[event.step] = scalar if scalar is not None else tensor_util.make_ndarray(value.tensor).item()
     return losses
 
 
