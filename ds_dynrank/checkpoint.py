@@ -92,8 +92,6 @@ def read_meta(root: Path, tag: str) -> dict:
 def saved_allocation(root: Path, tag: str, method: str) -> dict[str, int]:
     """The ranks saved with a checkpoint, after checking it is one this version and method can continue."""
     meta = read_meta(root, tag)
-    if meta.get("version") != FORMAT_VERSION:
-        raise UserInputError(f"--resume: checkpoint format {meta.get('version')}, this version reads {FORMAT_VERSION}")
     if meta.get("method") != method:
         raise UserInputError(
             f"--resume: checkpoint was trained with method {meta.get('method')!r}, config says {method!r}"

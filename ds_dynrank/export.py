@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ds_dynrank.lora import Conv1D, LoRALinear
+from ds_dynrank.lora import Conv1D, LoRALinear, adapter_parameters
 
 PEFT_PREFIX = "base_model.model."
 
@@ -113,12 +113,8 @@ def gather_full(adapters: list[tuple[str, LoRALinear]]) -> dict[str, torch.Tenso
     """Every adapter tensor's full fp32 value, any ZeRO stage, in one collective (call on every rank)."""
     from ds_dynrank.zero import full_numel, full_shape, read_full_fp32_flat
 
-    keys, params = [], []
-    for name, layer in adapters:
-        for key in ("lora_A", "lora_B", "lora_gate"):
-            if getattr(layer, key) is not None:
-                keys.append(f"{name}.{key}")
-                params.append(getattr(layer, key))
+    keys = [f"{name}.{key}" for name, layer in adapters for key in layer.adapter_tensors()]
+    params = adapter_parameters(adapters)
     flat = read_full_fp32_flat(params)
     parts = flat.split([full_numel(p) for p in params])
     return {k: part.view(full_shape(p)) for k, part, p in zip(keys, parts, params)}

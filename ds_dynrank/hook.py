@@ -17,7 +17,7 @@ import torch
 from ds_dynrank import dist, monitor, outputs
 from ds_dynrank.allocation import Plan, budget_used
 from ds_dynrank.config import DynRankConfig
-from ds_dynrank.lora import iter_lora
+from ds_dynrank.lora import adapter_parameters, iter_lora
 from ds_dynrank.methods import build_method
 from ds_dynrank.methods.base import Adapters, Bounds
 from ds_dynrank.reshape import apply_masked, physical_layers, swap_layers
@@ -141,22 +141,19 @@ class DynRank:
             encoded = torch.zeros(sum(capacity_M) + len(capacity_M), dtype=torch.int64)
         plan = Plan.decode(dist.broadcast(encoded.to(self.engine.device), src=0).cpu(), capacity_M)
         changed_slots = plan.slots_changed(live)
-        if not any(plan.changes(live)):
-            pass  # nothing moves: no state is touched and no engine is rebuilt
-        elif self.cfg.reshape.backend == "physical":
-            self.rebuild(plan)
-        else:
-            apply_masked(plan, self.adapters, self.io, seed=self.cfg.seed, step=self.applied_steps)
+        if any(plan.changes(live)):  # when nothing moves, no state is touched and no engine is rebuilt
+            if self.cfg.reshape.backend == "physical":
+                self.rebuild(plan)
+            else:
+                apply_masked(plan, self.adapters, self.io, seed=self.cfg.seed, step=self.applied_steps)
         self.check_consistent()
         return self._record(self.applied_steps, changed_slots, time.perf_counter() - start)
 
     def rebuild(self, plan: Plan) -> None:
         """Physical backend: gather every adapter's full state, build layers at the new ranks, rebuild the engine
         over them and write the carried fp32 values and Adam moments back. Pruned ranks free their memory."""
-        tensors = [t for _, layer in self.adapters for t in (layer.lora_A, layer.lora_B, layer.lora_gate)
-                   if t is not None]  # fmt: skip
-        rebuilt = physical_layers(plan, self.adapters, self.io.read_many(tensors), seed=self.cfg.seed,
-                                  step=self.applied_steps)  # fmt: skip
+        states = self.io.read_many(adapter_parameters(self.adapters))
+        rebuilt = physical_layers(plan, self.adapters, states, seed=self.cfg.seed, step=self.applied_steps)
         carry = capture(self.engine)
         model = self.engine.module
         teardown(self.engine)
@@ -166,9 +163,8 @@ class DynRank:
 
         def restore(engine) -> None:
             io = StateIO(engine)
-            for (_, states), (_, live_layer) in zip(rebuilt, self.adapters):
-                params = [t for t in (live_layer.lora_A, live_layer.lora_B, live_layer.lora_gate) if t is not None]
-                for p, state in zip(params, states):
+            for (_, carried), (_, live_layer) in zip(rebuilt, self.adapters):
+                for p, state in zip(live_layer.adapter_tensors().values(), carried):
                     io.write(p, state)
 
         groups = self.method.optimizer_groups(self.adapters)
@@ -190,7 +186,7 @@ class DynRank:
             )
 
     def _record(self, step: int, slots_changed: int, seconds: float) -> dict:
-        ranks = {name: layer.rank for name, layer in self.adapters}
+        ranks = outputs.allocation(self.adapters)
         entry = {"step": step, "ranks": ranks, "budget": self.budget_in_use(), "budget_unit": self.bounds.unit,
                  "slots_changed": slots_changed, "seconds": round(seconds, 4)}  # fmt: skip
         self.history.append(entry)

@@ -30,6 +30,9 @@ def linear_features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"LoRA supports nn.Linear and transformers Conv1D, not {type(base).__name__}")
 
 
+SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_gate": 0}  # the dimension of each tensor that indexes the slots
+
+
 class LoRALinear(nn.Module):
     """A frozen base layer plus a low-rank adapter whose live rank is `rank_mask.sum()`."""
 
@@ -110,6 +113,13 @@ class LoRALinear(nn.Module):
         """Parameters one rank of this module costs (a row of A, a column of B, a gate entry)."""
         return self.in_features + self.out_features + (1 if self.lora_gate is not None else 0)
 
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by name, in one fixed order: A, B, then the gate if the layer has one."""
+        tensors = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_gate is not None:
+            tensors["lora_gate"] = self.lora_gate
+        return tensors
+
     def slot_weights(self) -> torch.Tensor:
         """diag(gate * rank_mask) as a vector [R]."""
         return self.rank_mask if self.lora_gate is None else self.lora_gate * self.rank_mask
@@ -133,9 +143,11 @@ def iter_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return sorted((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
+def adapter_parameters(adapters: list[tuple[str, LoRALinear]]) -> list[nn.Parameter]:
+    """Every adapter tensor of `adapters`, layer by layer in adapter_tensors order."""
+    return [p for _, layer in adapters for p in layer.adapter_tensors().values()]
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters, in iter_lora order."""
-    params = []
-    for _, layer in iter_lora(model):
-        params += [layer.lora_A, layer.lora_B] + ([layer.lora_gate] if layer.lora_gate is not None else [])
-    return params
+    return adapter_parameters(iter_lora(model))

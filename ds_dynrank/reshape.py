@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ds_dynrank.allocation import Plan
-from ds_dynrank.lora import LoRALinear
+from ds_dynrank.lora import SLOT_DIM, LoRALinear, iter_lora
 from ds_dynrank.zero import FullState, StateIO
 
 
@@ -48,23 +48,18 @@ def apply_masked(plan: Plan, adapters: list[tuple[str, LoRALinear]], io: StateIO
         killed, born = split_slots(layer, keep, grow)
         if killed or born:
             work.append((m, layer, keep, killed, born))
-    tensors = [(layer, key, dim) for _, layer, *_ in work for key, dim in _TENSORS if getattr(layer, key) is not None]
-    states = iter(io.read_many([getattr(layer, key) for layer, key, _ in tensors]))
+    states = iter(io.read_many([p for _, layer, *_ in work for p in layer.adapter_tensors().values()]))
     for m, layer, keep, killed, born in work:
         touched = killed + born
         rows = layer.init_rows(len(born), slot_generator(seed, step, m))
         fills = {"lora_A": dict(zip(born, rows)), "lora_B": {}, "lora_gate": {s: torch.tensor(1.0) for s in born}}
-        for key, dim in _TENSORS:
-            if getattr(layer, key) is not None:
-                io.write(getattr(layer, key), _edit(next(states), dim, touched, fills[key]))
+        for key, tensor in layer.adapter_tensors().items():
+            io.write(tensor, _edit(next(states), SLOT_DIM[key], touched, fills[key]))
         mask = torch.zeros(layer.capacity, dtype=layer.rank_mask.dtype)
         mask[list(keep) + born] = 1
         with torch.no_grad():
             layer.rank_mask.copy_(mask.to(layer.rank_mask.device))
     return len(work)
-
-
-_TENSORS = (("lora_A", 0), ("lora_B", 1), ("lora_gate", 0))  # each tensor and its slot dimension
 
 
 def physical_layers(plan: Plan, adapters: list[tuple[str, LoRALinear]], states: list[FullState], *, seed: int,
@@ -77,10 +72,8 @@ def physical_layers(plan: Plan, adapters: list[tuple[str, LoRALinear]], states: 
         new = layer.resized(len(keep) + grow)
         rows = layer.init_rows(grow, slot_generator(seed, step, m))
         carried = []
-        for key, dim in _TENSORS:
-            if getattr(layer, key) is None:
-                continue
-            old = next(states_iter)
+        for key, target in new.adapter_tensors().items():
+            dim, old = SLOT_DIM[key], next(states_iter)
             index = torch.tensor(keep, dtype=torch.long)
             born_shape = list(old.value.shape)
             born_shape[dim] = grow
@@ -92,7 +85,7 @@ def physical_layers(plan: Plan, adapters: list[tuple[str, LoRALinear]], states: 
                 torch.cat([old.exp_avg_sq.index_select(dim, index), zeros], dim),
             )
             with torch.no_grad():
-                getattr(new, key).copy_(state.value.to(getattr(new, key).dtype))
+                target.copy_(state.value.to(target.dtype))
             carried.append(state)
         out.append((new, carried))
     return out
@@ -108,4 +101,4 @@ def swap_layers(model, adapters: list[tuple[str, LoRALinear]], layers: list[LoRA
 def resize_to(model, adapters: list[tuple[str, LoRALinear]], ranks: dict[str, int]) -> list[tuple[str, LoRALinear]]:
     """Physical backend, before the engine exists: layers at the given ranks (values come from a checkpoint)."""
     swap_layers(model, adapters, [layer.resized(ranks[name]) for name, layer in adapters])
-    return sorted((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    return iter_lora(model)

@@ -99,7 +99,6 @@ class StateIO:
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.stage = int(engine.zero_optimization_stage())
         self._fragments_linked = False
 
     def _link_optimizer_fragments(self) -> None:

@@ -180,7 +180,7 @@ def train(args: argparse.Namespace) -> dict:
         client = {"dynrank": dynrank.state_dict(), "loop": dict(loop), "eval_history": history, "baseline": baseline}
         meta = {"method": dyn_cfg.method, "base_model": base_model, "world_size": dist.world_size(),
                 **export_settings(dynrank.adapters),
-                "ranks": {name: layer.rank for name, layer in dynrank.adapters},
+                "ranks": outputs.allocation(dynrank.adapters),
                 "scaling": {name: layer.scaling for name, layer in dynrank.adapters}}  # fmt: skip
         checkpoint.save(dynrank.engine, output_dir / "checkpoints", f"step{dynrank.engine.global_steps}", client, meta)
 

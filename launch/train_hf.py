@@ -61,8 +61,9 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     trainer.train()
-    ranks = {name: layer.rank for name, layer in trainer.dynrank.adapters}
-    outputs.write_json(Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", ranks)
+    outputs.write_json(
+        Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", outputs.allocation(trainer.dynrank.adapters)
+    )
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ds_dynrank.allocation import Plan, identity_plan
 from ds_dynrank.config import DynRankConfig
-from ds_dynrank.lora import LoRALinear
+from ds_dynrank.lora import LoRALinear, adapter_parameters
 from ds_dynrank.zero import StateIO
 
 Adapters = list[tuple[str, LoRALinear]]
@@ -33,8 +33,7 @@ class Method:
         self.cfg = cfg
 
     def optimizer_groups(self, adapters: Adapters) -> list[dict]:
-        params = [p for _, layer in adapters for p in (layer.lora_A, layer.lora_B, layer.lora_gate) if p is not None]
-        return [{"params": params}]
+        return [{"params": adapter_parameters(adapters)}]
 
     def on_attach(self, engine) -> None:
         """Called once after deepspeed.initialize."""
