@@ -1,4 +1,5 @@
-"""`python -m ds_dynrank prepare` builds the offline default assets; `config-table` prints the README's table."""
+"""`python -m ds_dynrank prepare` builds the offline default assets; `config-table` prints the README's table;
+`export` writes a PEFT adapter; `report` draws a run's rank allocation."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", help="write a stock PEFT LoRA adapter from a run's checkpoint")
     export.add_argument("source", help="a run's output directory, a checkpoint root, or one checkpoint tag directory")
     export.add_argument("out", help="the adapter directory to write")
+    report = sub.add_parser("report", help="figures and a markdown summary of a run's rank allocation")
+    report.add_argument("run_dir", help="a run's output directory (holds allocation_history.json)")
+    report.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -27,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             from ds_dynrank.export import export_checkpoint
 
             print(f"adapter: {export_checkpoint(args.source, args.out)}")
+        elif args.command == "report":
+            from ds_dynrank.report import write_report
+
+            print(f"report: {write_report(args.run_dir, args.out)}")
         elif args.command == "config-table":
             from ds_dynrank.config import schema_table
 

@@ -1,7 +1,8 @@
 """Allocation decisions as pure functions: no process group, no DeepSpeed, no nn.Module.
 
 Shapes legend: M = adapted modules (in `iter_lora` order), S = all current slots (sum of the modules' capacities).
-A Plan says, per module, which of its current slots survive (`keep`) and how many fresh slots it gains (`grow`).
+A Plan says, per module, which of its current slots survive (`keep`), how many fresh slots it gains (`grow`) and,
+for module allocation, whether the module trains until the next event (`active`).
 """
 
 from __future__ import annotations
@@ -18,37 +19,44 @@ class Plan:
 
     keep: tuple[tuple[int, ...], ...]
     grow: tuple[int, ...]
+    active: tuple[bool, ...] | None = None  # None: every module's activity stays as it is
 
     @property
     def ranks(self) -> list[int]:
         return [len(k) + g for k, g in zip(self.keep, self.grow)]
 
-    def changes(self, live: list[list[int]]) -> list[bool]:
-        """Per module: does applying the plan alter it?"""
-        return [tuple(k) != tuple(current) or g > 0 for k, current, g in zip(self.keep, live, self.grow)]
+    def changes(self, live: list[list[int]], active: list[bool] | None = None) -> list[bool]:
+        """Per module: does applying the plan alter it (its slots, or whether it trains)?"""
+        moved = [tuple(k) != tuple(current) or g > 0 for k, current, g in zip(self.keep, live, self.grow)]
+        if self.active is None or active is None:
+            return moved
+        return [m or a != b for m, a, b in zip(moved, self.active, active)]
 
     def slots_changed(self, live: list[list[int]]) -> int:
         """Slots killed plus slots born."""
         return sum(len(set(c) - set(k)) + g for k, c, g in zip(self.keep, live, self.grow))
 
     def encode(self, capacity_M: list[int]) -> torch.Tensor:
-        """Fixed-size int64 [S + M] tensor (keep mask over current slots, then grow): one broadcast."""
+        """Fixed-size int64 [S + 2M] tensor (keep mask over current slots, grow, active or -1): one broadcast."""
         keep_S = torch.zeros(sum(capacity_M), dtype=torch.int64)
         offsets = [0, *torch.tensor(capacity_M).cumsum(0).tolist()]
         for m, kept in enumerate(self.keep):
             keep_S[[offsets[m] + i for i in kept]] = 1
-        return torch.cat([keep_S, torch.tensor(self.grow, dtype=torch.int64)])
+        active = [-1] * len(capacity_M) if self.active is None else [int(a) for a in self.active]
+        return torch.cat([keep_S, torch.tensor(self.grow, dtype=torch.int64), torch.tensor(active)])
 
     @staticmethod
     def decode(flat: torch.Tensor, capacity_M: list[int]) -> Plan:
-        keep_S, grow_M = flat[: sum(capacity_M)], flat[sum(capacity_M) :]
+        S, M = sum(capacity_M), len(capacity_M)
+        keep_S, grow_M, active_M = flat[:S], flat[S : S + M], flat[S + M : S + 2 * M].tolist()
         parts = keep_S.split(capacity_M)
         keep = tuple(tuple(torch.nonzero(p).flatten().tolist()) for p in parts)
-        return Plan(keep=keep, grow=tuple(grow_M.tolist()))
+        active = None if all(a == -1 for a in active_M) else tuple(bool(a) for a in active_M)
+        return Plan(keep=keep, grow=tuple(grow_M.tolist()), active=active)
 
     def checksum(self) -> int:
         """A 63-bit digest compared across ranks after every event."""
-        digest = hashlib.sha256(repr((self.keep, self.grow)).encode()).digest()
+        digest = hashlib.sha256(repr((self.keep, self.grow, self.active)).encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -88,19 +96,82 @@ def l1ra_plan(
         pruned.append(len(slots) - len(survivors))
         min_gate.append(min((float(g[i]) for i in survivors), default=0.0))
     freed = sum(p * (1 if unit == "rank" else c) for p, c in zip(pruned, cost_M))
-    ranks = [len(k) for k in keep]
-    grow = [0] * len(live)
     order = sorted(range(len(live)), key=lambda m: (-min_gate[m], m))
     preferred = [m for m in order if not (exclude_pruned and pruned[m])]
-    for candidates in (preferred, order):
+    grow = round_robin(freed, (preferred, order), [len(k) for k in keep], cap_M=cap_M, cost_M=cost_M, unit=unit)
+    return Plan(keep=tuple(keep), grow=tuple(grow))
+
+
+def round_robin(freed: int, orders: tuple[list[int], ...], ranks_M: list[int], *, cap_M: list[int],
+                cost_M: list[int], unit: str) -> list[int]:  # fmt: skip
+    """Hand `freed` budget back one rank at a time, cycling over each candidate order in turn (the next order
+    only gets what the previous could not take): as even as possible, earlier modules first."""
+    grow = [0] * len(ranks_M)
+    for candidates in orders:
         while freed > 0:
             took = False
             for m in candidates:
                 price = 1 if unit == "rank" else cost_M[m]
-                if ranks[m] + grow[m] < cap_M[m] and price <= freed:
+                if ranks_M[m] + grow[m] < cap_M[m] and price <= freed:
                     grow[m] += 1
                     freed -= price
                     took = True
             if not took:
                 break
-    return Plan(keep=tuple(keep), grow=tuple(grow))
+    return grow
+
+
+def _prune_lowest(scores: list[torch.Tensor], live: list[list[int]], n: int, floor: int) -> list[list[int]]:
+    """Remove the `n` live slots with the lowest score overall (ties: lower module, then slot index first),
+    never taking a module below `floor`. Returns the survivors per module."""
+    ranked = sorted((float(scores[m][i]), m, i) for m, slots in enumerate(live) for i in slots)
+    keep = [list(slots) for slots in live]
+    for _, m, i in ranked:
+        if n == 0:
+            break
+        if len(keep[m]) > floor:
+            keep[m].remove(i)
+            n -= 1
+    return keep
+
+
+def alora_plan(
+    importance: list[torch.Tensor],
+    live: list[list[int]],
+    *,
+    n_prune: int,
+    floor: int,
+    cap_M: list[int],
+    cost_M: list[int],
+    unit: str = "rank",
+) -> Plan:
+    """ALoRA's round (arXiv 2403.16187, Algorithm 1): prune the `n_prune` live ranks of lowest AB-LoRA importance,
+    then give the freed budget to the modules that lost none, as evenly as possible, modules of higher mean
+    importance first (8 over 3 modules: 3/3/2). With no such module (or no room under the caps) the budget
+    shrinks, as in the paper."""
+    keep = _prune_lowest(importance, live, n_prune, floor)
+    pruned = [len(a) - len(k) for a, k in zip(live, keep)]
+    freed = sum(p * (1 if unit == "rank" else c) for p, c in zip(pruned, cost_M))
+    mean = [float(importance[m][slots].mean()) if slots else float("-inf") for m, slots in enumerate(live)]
+    untouched = sorted((m for m in range(len(live)) if not pruned[m]), key=lambda m: (-mean[m], m))
+    grow = round_robin(freed, (untouched,), [len(k) for k in keep], cap_M=cap_M, cost_M=cost_M, unit=unit)
+    return Plan(keep=tuple(tuple(k) for k in keep), grow=tuple(grow))
+
+
+def cubic_budget(step: int, *, initial: int, target: int, tinit: int, tfinal: int, total: int) -> int:
+    """AdaLoRA's budget schedule (arXiv 2303.10512, PEFT's budget_schedule): the initial budget until `tinit`,
+    then a cubic decay to `target`, reached `tfinal` steps before the end and held there."""
+    if step <= tinit:
+        return initial
+    if step > total - tfinal:
+        return target
+    progress = 1 - (step - tinit) / max(1, total - tfinal - tinit)
+    return int(target + (initial - target) * progress**3)
+
+
+def top_budget_plan(scores: list[torch.Tensor], live: list[list[int]], *, budget: int, floor: int) -> Plan:
+    """Keep the `budget` live slots of highest score overall (each module keeps at least `floor`): AdaLoRA's
+    global threshold on triplet scores. Prune only: a plan never grows."""
+    excess = max(0, sum(len(s) for s in live) - budget)
+    keep = _prune_lowest(scores, live, excess, floor)
+    return Plan(keep=tuple(tuple(k) for k in keep), grow=tuple(0 for _ in live))

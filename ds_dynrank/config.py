@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ds_dynrank.errors import UserInputError
 
 SECTION = "dynrank"
-METHODS = ("lora", "l1ra")
-DYNAMIC = ("l1ra",)
+METHODS = ("lora", "l1ra", "alora", "modalloc", "adalora")
+DYNAMIC = ("l1ra", "alora", "modalloc", "adalora")
+METHOD_SECTIONS = ("l1ra", "alora", "modalloc", "adalora")  # each method's own knobs, allowed with it only
 AVAILABLE_BACKENDS = ("masked", "physical")
 
 
@@ -34,12 +35,16 @@ def _check_regex(pattern: str, field: str) -> None:
 
 
 class ScheduleConfig(_Section):
+    kind: Literal["periodic", "once"] = "periodic"
+    """`periodic`: an event at start, start + interval, ... up to stop. `once`: a single event at `start`
+    (DynaLoRA's reallocate-once-after-N)."""
+
     start: int | None = Field(None, ge=1)
     """First re-allocation event, in optimizer steps. Default: one interval into the run."""
 
     interval: int | None = Field(None, ge=1)
     """Optimizer steps between events. Default: the method's own (L1RA: 5% of --max_steps, its paper's
-    rank_update_ratio)."""
+    rank_update_ratio; ALoRA: alora.k2_epochs; modalloc: 10% of --max_steps)."""
 
     stop: int | None = Field(None, ge=1)
     """Last step at which an event may fire. Default: the step before the last."""
@@ -48,6 +53,8 @@ class ScheduleConfig(_Section):
     def _ordered(self) -> ScheduleConfig:
         if self.start is not None and self.stop is not None and self.start > self.stop:
             raise ValueError(f"start ({self.start}) must be <= stop ({self.stop})")
+        if self.kind == "once" and (self.interval is not None or self.stop is not None):
+            raise ValueError("kind 'once' fires at start only: leave interval and stop unset")
         return self
 
 
@@ -89,10 +96,83 @@ class L1RAConfig(_Section):
         return self.threshold if self.threshold is not None else self.gate_lr * self.l1_lambda + 1e-6
 
 
+class ALoRAConfig(_Section):
+    rounds: int = Field(8, ge=1)
+    """N_A: allocation rounds (prune, then grow the modules that lost nothing), one every K2 (paper: up to 8)."""
+
+    prune_per_round: int | None = Field(None, ge=1)
+    """n_A: ranks pruned per round, the lowest AB-LoRA importance first, and handed to modules that lost none.
+    Default: the number of adapted modules (the paper's 1 x N_mod)."""
+
+    val_samples: int = Field(32, ge=1)
+    """|B_val|: examples in the fixed scoring batch, held out of the training data (paper: 32)."""
+
+    variants_per_forward: int = Field(4, ge=1)
+    """Ablation variants (rank removed, or kept alone) evaluated in one batched forward, through per-example
+    slot masks: larger is faster and needs variants_per_forward x val_samples sequences of activation memory."""
+
+    k1_epochs: float = Field(1.0, gt=0)
+    """K1: training before the first round, in epochs (paper: 1), when schedule.start is unset."""
+
+    k2_epochs: float = Field(0.25, gt=0)
+    """K2: training between rounds, in epochs (paper: 0.25), when schedule.interval is unset."""
+
+
+class ModAllocConfig(_Section):
+    score: Literal["activation", "gradient"] = "activation"
+    """Module importance: `activation` = cumulative per-token L2 norm of the module's output (DynaLoRA, LoRA-drop
+    style), `gradient` = cumulative L2 norm of its adapter gradients; summed over micro-batches and ranks."""
+
+    strategy: Literal["topk", "threshold", "multinomial", "discounted", "uniform"] = "topk"
+    """Which modules train until the next event: the `k` most important (`topk`); the smallest top set whose
+    normalised importance sums to >= `threshold`; `k` drawn with probability proportional to importance
+    (`multinomial`) or to importance / times already chosen (`discounted`); `k` uniformly at random (`uniform`).
+    Random draws happen on rank 0 from a seeded generator and are broadcast."""
+
+    k: int | None = Field(None, ge=1)
+    """Modules active at a time. Default: two thirds of the adapted modules (DynaLoRA's 16 of 24)."""
+
+    threshold: float | None = Field(None, gt=0, le=1)
+    """Strategy `threshold`: the importance mass p in (0, 1] the active set must cover (default 0.9)."""
+
+    @model_validator(mode="after")
+    def _strategy_fields(self) -> ModAllocConfig:
+        if self.strategy == "threshold" and self.k is not None:
+            raise ValueError("k: strategy 'threshold' sizes the active set by threshold, not k")
+        if self.strategy != "threshold" and self.threshold is not None:
+            raise ValueError(f"threshold: only used by strategy 'threshold', not {self.strategy!r}")
+        return self
+
+
+class AdaLoRAConfig(_Section):
+    target_r: float | None = Field(None, gt=0)
+    """Average rank per module at the end of the budget schedule (PEFT's target_r). Default: 2/3 of r (PEFT's
+    init_r 12 -> target_r 8)."""
+
+    tinit: int | None = Field(None, ge=0)
+    """Steps of warm-up before any pruning (PEFT's tinit). Default: 10% of --max_steps."""
+
+    tfinal: int | None = Field(None, ge=0)
+    """Steps at the end trained at the final allocation (PEFT's tfinal). Default: 20% of --max_steps."""
+
+    delta_t: int | None = Field(None, ge=1)
+    """Steps between allocation events during the cubic schedule (PEFT's deltaT). Default: 1% of --max_steps,
+    at least 1."""
+
+    beta1: float = Field(0.85, gt=0, lt=1)
+    """EMA factor of the sensitivity |w * grad| (PEFT's beta1)."""
+
+    beta2: float = Field(0.85, gt=0, lt=1)
+    """EMA factor of its uncertainty |I - EMA(I)| (PEFT's beta2)."""
+
+
 class DynRankConfig(_Section):
-    method: Literal["lora", "l1ra"] = "lora"
+    method: Literal["lora", "l1ra", "alora", "modalloc", "adalora"] = "lora"
     """Adaptation method. `lora`: fixed-rank LoRA (the baseline every dynamic method is measured against).
-    `l1ra`: gates under an L1 penalty, ranks whose gate reaches zero pruned and re-assigned (arXiv 2509.04884)."""
+    `l1ra`: gates under an L1 penalty, ranks whose gate reaches zero pruned and re-assigned (arXiv 2509.04884).
+    `alora`: AB-LoRA ablation importance per rank, prune the lowest and grow modules that lost none
+    (arXiv 2403.16187). `modalloc`: a subset of modules trains at a time, chosen by importance (DynaLoRA).
+    `adalora`: AdaLoRA's sensitivity x uncertainty scores with its cubic budget schedule (arXiv 2303.10512)."""
 
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt: `"all-linear"` (every Linear/Conv1D but the output head), a list of names (exact or
@@ -127,12 +207,12 @@ class DynRankConfig(_Section):
 
     gate: bool | None = None
     """Put a trainable gate vector between A and B: `B diag(gate) A`, initialised to 1. Default: on for `l1ra`
-    (which needs it), off otherwise."""
+    (which needs it) and `adalora` (the gate plays AdaLoRA's singular values E), off otherwise."""
 
     capacity: int | None = Field(None, ge=1)
     """Slots allocated per module under the masked backend (the most rank a module can hold). Default: 2 x the
-    module's initial rank for dynamic methods, the initial rank for `lora`. Slots beyond the initial rank start
-    masked off."""
+    module's initial rank for methods that grow ranks (`l1ra`, `alora`), the initial rank otherwise. Slots beyond
+    the initial rank start masked off."""
 
     on_missed_event: Literal["error", "warn"] = "error"
     """What happens when a dynamic method's first event is due but `DynRank.after_step()` was never called (a loop
@@ -154,19 +234,33 @@ class DynRankConfig(_Section):
     l1ra: L1RAConfig = Field(default_factory=L1RAConfig)
     """L1RA's knobs (method `l1ra`)."""
 
+    alora: ALoRAConfig = Field(default_factory=ALoRAConfig)
+    """ALoRA's knobs (method `alora`)."""
+
+    modalloc: ModAllocConfig = Field(default_factory=ModAllocConfig)
+    """Dynamic module allocation's knobs (method `modalloc`)."""
+
+    adalora: AdaLoRAConfig = Field(default_factory=AdaLoRAConfig)
+    """AdaLoRA-style scorer's knobs (method `adalora`)."""
+
     @property
     def dynamic(self) -> bool:
         return self.method in DYNAMIC
 
     @property
     def use_gate(self) -> bool:
-        return self.gate if self.gate is not None else self.method == "l1ra"
+        return self.gate if self.gate is not None else self.method in ("l1ra", "adalora")
+
+    @property
+    def grows(self) -> bool:
+        """Can a module's rank rise above its initial rank?"""
+        return self.method in ("l1ra", "alora")
 
     def slot_capacity(self, rank: int) -> int:
         """Slots a module with this initial rank is built with."""
         if self.capacity is not None:
             return max(self.capacity, rank)
-        return 2 * rank if self.dynamic and self.reshape.backend == "masked" else rank
+        return 2 * rank if self.grows and self.reshape.backend == "masked" else rank
 
     @field_validator("target_modules")
     @classmethod
@@ -202,11 +296,13 @@ class DynRankConfig(_Section):
                 f"(available: {', '.join(AVAILABLE_BACKENDS)})"
             )
         masked = self.reshape.backend == "masked"
+        if self.capacity is not None and self.dynamic and not self.grows:
+            raise ValueError(f"capacity: method {self.method!r} never grows a module, so it needs no spare slots")
         if self.dynamic and not masked and self.capacity is not None:
             raise ValueError("capacity: a masked-backend setting; the physical backend sizes each module to its rank")
         if self.dynamic and not masked and self.budget.floor < 1:
             raise ValueError("budget.floor: the physical backend needs >= 1 (a module cannot hold a rank-0 tensor)")
-        if self.dynamic and masked and self.capacity is not None and self.capacity <= min(ranks):
+        if self.grows and masked and self.capacity is not None and self.capacity <= min(ranks):
             raise ValueError(
                 f"capacity ({self.capacity}) leaves no free slot to grow into under the masked backend; "
                 f"use capacity > {min(ranks)} or reshape.backend: physical"
@@ -216,11 +312,23 @@ class DynRankConfig(_Section):
         if self.budget.cap is not None and self.budget.cap < max(ranks):
             raise ValueError(f"budget.cap ({self.budget.cap}) is below the largest initial rank ({max(ranks)})")
         if not self.dynamic:
-            stray = [k for k in ("schedule", "budget", "reshape", "l1ra") if k in self.model_fields_set]
+            stray = [k for k in ("schedule", "budget", "reshape") if k in self.model_fields_set]
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only used by a dynamic method, but method is {self.method!r}")
-        elif "l1ra" in self.model_fields_set and self.method != "l1ra":
-            raise ValueError(f"l1ra: only used by method l1ra, but method is {self.method!r}")
+        for section in METHOD_SECTIONS:
+            if section in self.model_fields_set and self.method != section:
+                raise ValueError(f"{section}: only used by method {section}, but method is {self.method!r}")
+        if self.method == "adalora":
+            if "schedule" in self.model_fields_set:
+                raise ValueError("schedule: method adalora follows its cubic schedule: set adalora.tinit, "
+                                 "adalora.tfinal and adalora.delta_t instead")  # fmt: skip
+            if self.budget.unit != "rank":
+                raise ValueError("budget.unit: method adalora counts its budget in ranks (PEFT's target_r)")
+            target = self.adalora.target_r
+            if target is not None and target > self.r:
+                raise ValueError(f"adalora.target_r ({target}) must be <= r ({self.r}): AdaLoRA only prunes")
+        if self.method == "modalloc" and "budget" in self.model_fields_set:
+            raise ValueError("budget: method modalloc keeps every rank; size the active set with modalloc.k")
         return self
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ds_dynrank.lora import Conv1D, LoRALinear, adapter_parameters
+from ds_dynrank.lora import Conv1D, LoRALinear, adapter_state_tensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -114,7 +114,7 @@ def gather_full(adapters: list[tuple[str, LoRALinear]]) -> dict[str, torch.Tenso
     from ds_dynrank.zero import full_numel, full_shape, read_full_fp32_flat
 
     keys = [f"{name}.{key}" for name, layer in adapters for key in layer.adapter_tensors()]
-    params = adapter_parameters(adapters)
+    params = adapter_state_tensors(adapters)  # buffers too: inactive modules (physical module allocation)
     flat = read_full_fp32_flat(params)
     parts = flat.split([full_numel(p) for p in params])
     return {k: part.view(full_shape(p)) for k, part, p in zip(keys, parts, params)}

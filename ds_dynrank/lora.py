@@ -4,6 +4,11 @@ Shapes legend: R = the module's slot capacity, I = in_features, O = out_features
 A is [R, I] and B is [O, R], as PEFT's `lora_A.weight` / `lora_B.weight`. `rank_mask` [R] says which slots are
 live; a masked slot contributes nothing and receives exactly zero gradient. The scaling is a plain float fixed at
 construction from the initial rank, so re-allocating ranks never changes what surviving slots compute.
+
+Two switches serve the allocation methods: `trainable = False` keeps the adapter in the forward with an exactly
+zero gradient (so Adam, with zeroed moments, moves nothing: module allocation without toggling requires_grad under
+DeepSpeed), and
+`ablation` [N, R] scales each example's slots (ALoRA's batched rank ablations: one forward, many variants).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ class LoRALinear(nn.Module):
         self.lora_gate = nn.Parameter(torch.ones(capacity, dtype=weight.dtype, device=weight.device)) if gate else None
         mask = (torch.arange(capacity, device=weight.device) < rank).to(weight.dtype)
         self.register_buffer("rank_mask", mask)
+        self.trainable = True  # False: the adapter still computes but receives no gradient
+        self.ablation: torch.Tensor | None = None  # [N, R] per-example slot factors, set only while scoring
         with torch.no_grad():  # slots beyond the initial rank start dead: exactly zero until born
             self.lora_A.zero_()
             if self.lora_gate is not None:
@@ -79,6 +86,7 @@ class LoRALinear(nn.Module):
         return LoRALinear(self.base, rank=rank, capacity=rank, alpha=self.alpha, dropout=self.dropout_p,
                           gate=self.lora_gate is not None, use_rslora=self.use_rslora, init=self.init,
                           init_rank=self.init_rank)  # fmt: skip
+        # (activity is applied by the caller)
 
     @property
     def capacity(self) -> int:
@@ -120,14 +128,33 @@ class LoRALinear(nn.Module):
             tensors["lora_gate"] = self.lora_gate
         return tensors
 
+    def set_trainable(self, on: bool, *, as_buffers: bool = False) -> None:
+        """Module allocation: an inactive adapter still computes but gets no gradient. `as_buffers` (physical
+        backend, only while no engine wraps the model) also turns its tensors into buffers, so an optimizer built
+        afterwards holds no state for them; turning it back on makes them parameters again."""
+        self.trainable = on
+        for name, tensor in self.adapter_tensors().items():
+            is_param = isinstance(tensor, nn.Parameter)
+            if as_buffers and not on and is_param:
+                delattr(self, name)
+                self.register_buffer(name, tensor.detach())
+            elif on and not is_param:
+                delattr(self, name)
+                setattr(self, name, nn.Parameter(tensor.detach()))
+
     def slot_weights(self) -> torch.Tensor:
         """diag(gate * rank_mask) as a vector [R]."""
         return self.rank_mask if self.lora_gate is None else self.lora_gate * self.rank_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.slot_weights()
-        return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
+        A, B, weights = self.lora_A, self.lora_B, self.slot_weights()
+        if not self.trainable:
+            A, B, weights = _zero_grad(A), _zero_grad(B), _zero_grad(weights)
+        h = F.linear(self.dropout(x).to(A.dtype), A) * weights
+        if self.ablation is not None:  # [N, R] -> [N, 1, ..., R] against h [N, ..., R]
+            h = h * self.ablation.view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1]).to(h.dtype)
+        return out + (F.linear(h, B) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update B diag(gate * mask) A * scaling, shaped [O, I] like nn.Linear's weight."""
@@ -135,7 +162,14 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         gate = ", gate" if self.lora_gate is not None else ""
-        return f"rank={self.rank}, capacity={self.capacity}, scaling={self.scaling:g}{gate}"
+        frozen = "" if self.trainable else ", inactive"
+        return f"rank={self.rank}, capacity={self.capacity}, scaling={self.scaling:g}{gate}{frozen}"
+
+
+def _zero_grad(t: torch.Tensor) -> torch.Tensor:
+    """The same values with an exactly zero gradient. Not a plain detach: ZeRO-3 keeps a parameter's last
+    gradient partition when no gradient arrives for it, and Adam would go on applying that stale gradient."""
+    return t.detach() + t * 0 if t.requires_grad else t
 
 
 def iter_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -144,7 +178,13 @@ def iter_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def adapter_parameters(adapters: list[tuple[str, LoRALinear]]) -> list[nn.Parameter]:
-    """Every adapter tensor of `adapters`, layer by layer in adapter_tensors order."""
+    """Every adapter parameter of `adapters`, layer by layer in adapter_tensors order (adapters that module
+    allocation turned into buffers are not parameters: no optimizer holds them)."""
+    return [p for _, layer in adapters for p in layer.adapter_tensors().values() if isinstance(p, nn.Parameter)]
+
+
+def adapter_state_tensors(adapters: list[tuple[str, LoRALinear]]) -> list[torch.Tensor]:
+    """Every adapter tensor, parameter or buffer, in adapter_tensors order: what a rebuild carries."""
     return [p for _, layer in adapters for p in layer.adapter_tensors().values()]
 
 

@@ -79,7 +79,13 @@ def read_full_flat(params: list[nn.Parameter], key: str | None = None, group=Non
 
 
 def read_full_fp32_flat(params: list[nn.Parameter], group=None) -> torch.Tensor:
-    """Full fp32 masters of many parameters in one collective (ZeRO-0 fp32: the parameters themselves)."""
+    """Full fp32 masters of many parameters in one collective (ZeRO-0 fp32: the parameters themselves; plain
+    tensors, such as adapters held as buffers, are whole on every rank and read as they are)."""
+    if any(not isinstance(p, nn.Parameter) for p in params):
+        managed = read_full_fp32_flat([p for p in params if isinstance(p, nn.Parameter)], group)
+        pieces = iter(managed.split([full_numel(p) for p in params if isinstance(p, nn.Parameter)]))
+        return torch.cat([next(pieces) if isinstance(p, nn.Parameter) else p.detach().float().flatten().cpu()
+                          for p in params])  # fmt: skip
     if params and not _managed(params[0]):
         return torch.cat([p.detach().float().flatten() for p in params]).cpu()
     return read_full_flat(params, None, group)
@@ -92,6 +98,11 @@ class FullState:
     value: torch.Tensor
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
+
+
+def _buffer_state(t: torch.Tensor) -> FullState:
+    value = t.detach().float().cpu().clone()
+    return FullState(value, torch.zeros_like(value), torch.zeros_like(value))
 
 
 class StateIO:
@@ -125,7 +136,11 @@ class StateIO:
         return self.read_many([p])[0]
 
     def read_many(self, params: list[nn.Parameter]) -> list[FullState]:
-        """Full fp32 value and both moments of every parameter: three collectives in all, whatever the count."""
+        """Full fp32 value and both moments of every parameter: three collectives in all, whatever the count.
+        Plain tensors (adapters module allocation holds as buffers) are whole on every rank, with no moments."""
+        if any(not isinstance(p, nn.Parameter) for p in params):
+            managed = iter(self.read_many([p for p in params if isinstance(p, nn.Parameter)]))
+            return [next(managed) if isinstance(p, nn.Parameter) else _buffer_state(p) for p in params]
         if not params:
             return []
         if not _managed(params[0]):

@@ -133,7 +133,8 @@ def assert_ranks_identical(directory: Path, prefix: str, stages) -> None:
                 assert torch.equal(a, b), f"ranks disagree on {key} under ZeRO-{stage}"
 
 
-def build_dynrank(stage: int, section: dict, *, scheduler_steps: int | None = 40, total_steps: int = 100):
+def build_dynrank(stage: int, section: dict, *, scheduler_steps: int | None = 40, total_steps: int = 100,
+                  **dynrank_kwargs):  # fmt: skip
     """Tiny Llama + adapters + DeepSpeed engine under ZeRO `stage` + DynRank, as launch/train.py wires them."""
     import deepspeed
 
@@ -146,7 +147,7 @@ def build_dynrank(stage: int, section: dict, *, scheduler_steps: int | None = 40
     adapters = inject_lora(model, cfg)
     config = tiny_ds_config(stage, scheduler_steps=scheduler_steps)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=config)
-    return DynRank(engine, cfg, adapters, total_steps=total_steps, ds_config=config)
+    return DynRank(engine, cfg, adapters, total_steps=total_steps, ds_config=config, **dynrank_kwargs)
 
 
 def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2) -> list[float]:

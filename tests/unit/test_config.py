@@ -26,7 +26,7 @@ def test_defaults_are_plain_lora():
         ({"rank": 8}, r"dynrank\.rank: unknown key \(known keys: method, target_modules"),
         ({"r": -4}, r"dynrank\.r: Input should be greater than or equal to 1 \(got -4\)"),
         ({"r": "eight"}, r"dynrank\.r: Input should be a valid integer.*\(got 'eight'\)"),
-        ({"method": "l2ra"}, r"dynrank\.method: Input should be 'lora' or 'l1ra' \(got 'l2ra'\)"),
+        ({"method": "l2ra"}, r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc' or 'adalora' \(got 'l2ra'\)"),
         ({"lora_dropout": 1.0}, r"dynrank\.lora_dropout: Input should be less than 1"),
         ({"lora_alpha": 0}, r"dynrank\.lora_alpha: Input should be greater than 0"),
         ({"target_modules": []}, r"dynrank\.target_modules: .*must name at least one module"),

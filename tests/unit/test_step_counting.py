@@ -29,8 +29,10 @@ def test_only_applied_boundary_steps_count_and_trigger_events(monkeypatch):
     model = tiny_llama()
     adapters = inject_lora(model, cfg)
     engine = SteppingEngine(model)
-    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.on_attach", lambda self, e: None)
-    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.after_optimizer_step", lambda self, e, io, a: None)
+    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.on_attach", lambda self, e, a: None)
+    boundaries = []
+    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.after_boundary",
+                        lambda self, e, io, a, applied: boundaries.append(applied))  # fmt: skip
     dynrank = DynRank(engine, cfg, adapters, total_steps=20)
     events = []
     monkeypatch.setattr(dynrank, "reallocate", lambda plan=None: events.append(dynrank.applied_steps) or {})
@@ -42,4 +44,5 @@ def test_only_applied_boundary_steps_count_and_trigger_events(monkeypatch):
         dynrank.after_step()
     assert engine.global_steps == 6
     assert dynrank.applied_steps == 5  # 6 boundaries, one skipped
+    assert boundaries == [True, True, False, True, True, True]  # the method sees every boundary, flagged
     assert events == [2, 4]  # applied steps 2 and 4, never mid-accumulation, never on the skipped step

@@ -1,0 +1,121 @@
+"""Dynamic low-rank module allocation (DynaLoRA, `m-krastev/dynalora`): every adapter keeps its rank, but only a
+chosen subset of modules trains until the next event.
+
+Importance is cumulative over the run (as DynaLoRA): the per-token L2 norm of each module's output, or the L2 norm
+of its adapter gradients, summed over micro-batches on each rank and all-reduced at every accumulation boundary
+into a running total that is identical on every rank (and so checkpointed exactly). The initial active set is
+drawn uniformly from the configured seed, the same on every rank without communication.
+
+Inactive modules stay in the forward. Masked backend: the layer detaches its adapter (zero gradient; the hook
+zeroes its Adam moments when it goes inactive, so Adam moves nothing and requires_grad is never toggled under a
+live engine). Physical backend: its tensors become buffers at the next engine rebuild, so they have no gradient,
+no fp32 master and no Adam state at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_dynrank import dist, strategies
+from ds_dynrank.allocation import Plan
+from ds_dynrank.methods.base import Adapters, Bounds, Method
+from ds_dynrank.zero import StateIO
+
+
+def default_k(n_modules: int) -> int:
+    """Two thirds of the modules: DynaLoRA's headline setting (16 of 24)."""
+    return max(1, round(2 * n_modules / 3))
+
+
+def decision_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class ModAlloc(Method):
+    interval_ratio = 0.1
+    uses_activity = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.importance: torch.Tensor | None = None  # [M] fp64 running total, identical on every rank
+        self.times_chosen: torch.Tensor | None = None  # [M] events (and the start) at which each module trained
+        self._local: torch.Tensor | None = None  # [M] this rank's accumulation since the last boundary
+        self._handles: list = []
+
+    def sizes(self, n_modules: int) -> tuple[int, float]:
+        c = self.cfg.modalloc
+        return min(n_modules, c.k or default_k(n_modules)), c.threshold or 0.9
+
+    def initial_activity(self, adapters: Adapters) -> list[bool]:
+        k, p = self.sizes(len(adapters))
+        size = strategies.initial_size(self.cfg.modalloc.strategy, len(adapters), k=k, p=p)
+        return strategies.uniform(len(adapters), size, decision_generator(self.cfg.seed, 0))
+
+    def prepare(self, adapters: Adapters) -> None:
+        """The initial active set, before DeepSpeed exists (so the physical backend leaves inactive adapters out
+        of the optimizer from the first step)."""
+        for (_, layer), on in zip(adapters, self.initial_activity(adapters)):
+            layer.set_trainable(on, as_buffers=self.cfg.reshape.backend == "physical")
+
+    def on_attach(self, engine, adapters: Adapters) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        n = len(adapters)
+        if self.importance is None:
+            self.importance = torch.zeros(n, dtype=torch.float64)
+        if self.times_chosen is None:
+            self.times_chosen = torch.tensor([layer.trainable for _, layer in adapters], dtype=torch.float64)
+        self._local = torch.zeros(n, dtype=torch.float32, device=engine.device)
+        for m, (_, layer) in enumerate(adapters):
+            if self.cfg.modalloc.score == "activation":
+                self._handles.append(layer.register_forward_hook(self._activation_hook(m)))
+            else:
+                for p in layer.adapter_tensors().values():
+                    if p.requires_grad:
+                        self._handles.append(p.register_hook(self._gradient_hook(m)))
+
+    def _activation_hook(self, m: int):
+        def hook(module, inputs, output) -> None:
+            if module.training and torch.is_grad_enabled():  # training forwards only: not eval, not scoring
+                self._local[m] += output.detach().float().norm(dim=-1).sum().to(self._local.device)
+
+        return hook
+
+    def _gradient_hook(self, m: int):
+        def hook(grad: torch.Tensor) -> None:
+            self._local[m] += grad.detach().float().norm().to(self._local.device)
+
+        return hook
+
+    def after_boundary(self, engine, io: StateIO, adapters: Adapters, applied: bool) -> None:
+        """Fold this boundary's local importance into the shared running total (one all-reduce of M floats)."""
+        total = dist.all_reduce_sum(self._local.clone())
+        self.importance += total.double().cpu()
+        self._local.zero_()
+
+    def local_scores(self, engine, io: StateIO, adapters: Adapters) -> torch.Tensor:
+        return self.importance.float()  # already identical on every rank: the mean leaves it unchanged
+
+    def decide(self, scores: torch.Tensor, adapters: Adapters, bounds: Bounds, step: int) -> Plan:
+        k, p = self.sizes(len(adapters))
+        active = strategies.select(self.cfg.modalloc.strategy, scores, k=k, p=p, times_chosen_M=self.times_chosen,
+                                   generator=decision_generator(self.cfg.seed, step))  # fmt: skip
+        live = tuple(tuple(layer.live_slots()) for _, layer in adapters)
+        return Plan(keep=live, grow=tuple(0 for _ in adapters), active=tuple(active))
+
+    def after_apply(self, plan: Plan, live_before: list[list[int]], adapters: Adapters) -> None:
+        if plan.active is not None:
+            self.times_chosen += torch.tensor(plan.active, dtype=torch.float64)
+
+    def state_dict(self) -> dict:
+        return {"importance": self.importance.clone(), "times_chosen": self.times_chosen.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.importance = state["importance"].clone()
+        self.times_chosen = state["times_chosen"].clone()
+
+
+def trainable_parameters(adapters: Adapters) -> int:
+    """Adapter parameters that receive gradients now (live slots of active modules)."""
+    return sum(layer.rank * layer.rank_cost() for _, layer in adapters if layer.trainable)
