@@ -99,6 +99,11 @@ def saved_allocation(root: Path, tag: str, method: str) -> dict[str, int]:
     return meta["ranks"]
 
 
+def saved_activity(root: Path, tag: str) -> dict[str, bool]:
+    """Which modules trained when the checkpoint was written (module allocation; empty before that existed)."""
+    return read_meta(root, tag).get("active", {})
+
+
 def check_world_size(root: Path, tag: str, world_size: int) -> None:
     """DeepSpeed's ZeRO checkpoints reload only at the data-parallel size they were saved with (its universal
     checkpoint format, which reshards, is not wired in yet): say so before training, not in a traceback."""

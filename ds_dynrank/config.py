@@ -332,6 +332,19 @@ class DynRankConfig(_Section):
         return self
 
 
+def check_deepspeed_compat(cfg: DynRankConfig, ds_config: dict[str, Any]) -> None:
+    """DeepSpeed settings a method cannot work with, refused before anything runs."""
+    optimizer = ds_config.get("optimizer") or {}
+    kind = str(optimizer.get("type", "")).lower()
+    decay = (optimizer.get("params") or {}).get("weight_decay", 0.01 if kind == "adamw" else 0.0)
+    if cfg.method == "modalloc" and cfg.reshape.backend == "masked" and decay:
+        raise UserInputError(
+            f"optimizer.params.weight_decay: {decay} with dynrank method 'modalloc' on the masked backend would "
+            "shrink the adapters of inactive modules, which must stay still; set it to 0, or use "
+            'dynrank.reshape.backend "physical" (inactive adapters leave the optimizer)'
+        )
+
+
 def format_validation_error(err: ValidationError, section: str = SECTION) -> str:
     """One line per problem: `dynrank.<field>: <what is wrong> (got <value>)`."""
     lines = []

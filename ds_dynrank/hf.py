@@ -27,15 +27,15 @@ from ds_dynrank.lora import iter_lora
 class DynRankCallback(TrainerCallback):
     """Drives DynRank from Trainer: attach at train begin, after_step() at every optimizer step."""
 
-    def __init__(self, trainer: Trainer, cfg: DynRankConfig) -> None:
-        self.trainer, self.cfg, self.dynrank = trainer, cfg, None
+    def __init__(self, trainer: Trainer, cfg: DynRankConfig, validation: dict | None = None) -> None:
+        self.trainer, self.cfg, self.validation, self.dynrank = trainer, cfg, validation, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         engine = self.trainer.model_wrapped
         if not hasattr(engine, "zero_optimization_stage"):
             raise UserInputError("dynrank: DynRankTrainer needs TrainingArguments(deepspeed=...)")
         self.dynrank = DynRank(engine, self.cfg, iter_lora(engine.module), total_steps=state.max_steps,
-                               output_dir=Path(args.output_dir))  # fmt: skip
+                               output_dir=Path(args.output_dir), validation=self.validation)  # fmt: skip
 
     def on_step_end(self, args, state, control, **kwargs):
         self.dynrank.after_step()
@@ -44,7 +44,9 @@ class DynRankCallback(TrainerCallback):
 class DynRankTrainer(Trainer):
     """Trainer whose optimizer has the method's param groups and whose loop drives DynRank."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, dynrank_validation: dict | None = None, **kwargs) -> None:
+        """`dynrank_validation`: ALoRA's fixed scoring batch (input_ids, attention_mask, labels), the same on every
+        rank."""
         super().__init__(*args, **kwargs)
         ds = self.args.deepspeed
         raw = load_ds_config(ds) if isinstance(ds, str | Path) else dict(ds or {})
@@ -54,7 +56,13 @@ class DynRankTrainer(Trainer):
                                  "(Trainer builds it with the method's param groups)")  # fmt: skip
         if self.dynrank_config.dynamic and self.dynrank_config.reshape.backend != "masked":
             raise UserInputError("dynrank.reshape.backend: only 'masked' runs under HF Trainer")
-        self.dynrank_callback = DynRankCallback(self, self.dynrank_config)
+        if self.dynrank_config.method == "alora" and dynrank_validation is None:
+            raise UserInputError("dynrank.method: 'alora' scores ranks on a validation batch: pass "
+                                 "DynRankTrainer(..., dynrank_validation=batch)")  # fmt: skip
+        if self.dynrank_config.method == "modalloc" and self.args.weight_decay:
+            raise UserInputError(f"weight_decay: {self.args.weight_decay} would shrink the adapters of inactive "
+                                 "modules under dynrank method 'modalloc' (masked backend); set it to 0")  # fmt: skip
+        self.dynrank_callback = DynRankCallback(self, self.dynrank_config, dynrank_validation)
         self.add_callback(self.dynrank_callback)
 
     def create_optimizer(self, model=None):

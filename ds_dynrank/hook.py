@@ -35,11 +35,13 @@ class AllocationMismatchError(RuntimeError):
     """Ranks hold different allocations after an event: continuing would silently train different models."""
 
 
-def optimizer_groups(cfg: DynRankConfig, adapters: Adapters) -> list[dict]:
-    """The `model_parameters` to hand to deepspeed.initialize (methods may need their own groups). Module
-    allocation also picks its initial active set here, before DeepSpeed sees the parameters."""
+def optimizer_groups(cfg: DynRankConfig, adapters: Adapters, *, fresh: bool = True) -> list[dict]:
+    """The `model_parameters` to hand to deepspeed.initialize (methods may need their own groups). For a fresh
+    run, module allocation also picks its initial active set here, before DeepSpeed sees the parameters; a resumed
+    run (`fresh=False`) keeps the activity its checkpoint restored."""
     method = build_method(cfg)
-    method.prepare(adapters)
+    if fresh:
+        method.prepare(adapters)
     return method.optimizer_groups(adapters)
 
 
@@ -167,8 +169,8 @@ class DynRank:
         else:
             encoded = torch.zeros(sum(capacity_M) + 2 * len(capacity_M), dtype=torch.int64)
         plan = Plan.decode(dist.broadcast(encoded.to(self.engine.device), src=0).cpu(), capacity_M)
-        changed_slots = plan.slots_changed(live)
-        if any(plan.changes(live, active)):  # when nothing moves, no state is touched and no engine is rebuilt
+        changed_slots, changed_modules = plan.slots_changed(live), sum(plan.changes(live, active))
+        if changed_modules:  # when nothing moves, no state is touched and no engine is rebuilt
             if self.cfg.reshape.backend == "physical":
                 self.rebuild(plan)
             else:
@@ -177,7 +179,7 @@ class DynRank:
                     apply_activity(plan.active, self.adapters, self.io)
         self.method.after_apply(plan, live, self.adapters)
         self.check_consistent()
-        return self._record(self.applied_steps, changed_slots, time.perf_counter() - start)
+        return self._record(self.applied_steps, changed_slots, time.perf_counter() - start, changed_modules)
 
     def rebuild(self, plan: Plan) -> None:
         """Physical backend: gather every adapter's full state, build layers at the new ranks, rebuild the engine
@@ -218,10 +220,10 @@ class DynRank:
                 f"(checksums by rank: {every}); stopping rather than training different models"
             )
 
-    def _record(self, step: int, slots_changed: int, seconds: float) -> dict:
+    def _record(self, step: int, slots_changed: int, seconds: float, modules_changed: int = 0) -> dict:
         ranks = outputs.allocation(self.adapters)
         entry = {"step": step, "ranks": ranks, "budget": self.budget_in_use(), "budget_unit": self.bounds.unit,
-                 "slots_changed": slots_changed, "seconds": round(seconds, 4),
+                 "slots_changed": slots_changed, "modules_changed": modules_changed, "seconds": round(seconds, 4),
                  "trainable_parameters": self.trainable_parameters()}  # fmt: skip
         if self.method.uses_activity:
             entry["active"] = {name: layer.trainable for name, layer in self.adapters}

@@ -19,31 +19,55 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("lora", "l1ra-masked", "l1ra-physical")
+METHODS = ("l1ra", "alora", "modalloc", "adalora")
+VARIANTS = ("lora", *(f"{m}-{b}" for m in METHODS for b in ("masked", "physical")))
 SHARED = ("target_modules", "exclude_modules", "r", "rank_pattern", "lora_alpha", "alpha_pattern", "lora_dropout")
 
 
 def variant_section(variant: str, base: dict, args) -> dict:
-    """The "dynrank" section of one variant: the config's LoRA shape, the variant's method and backend."""
+    """The "dynrank" section of one variant: the config's LoRA shape, the variant's method and backend, and an
+    event every --interval steps."""
     section = {k: base[k] for k in SHARED if k in base}
+    if args.target_modules:
+        section["target_modules"] = args.target_modules.split(",")
+    if args.r:
+        section["r"] = args.r
     if variant == "lora":
         return {"method": "lora", **section}
     method, backend = variant.split("-")
-    return {"method": method, **section, "reshape": {"backend": backend}, "schedule": {"interval": args.interval},
-            "l1ra": {"l1_lambda": args.l1_lambda, "gate_lr": args.gate_lr}}  # fmt: skip
+    section = {"method": method, **section, "reshape": {"backend": backend}}
+    every = {"start": args.interval, "interval": args.interval}
+    if method == "l1ra":
+        return {**section, "schedule": every, "l1ra": {"l1_lambda": args.l1_lambda, "gate_lr": args.gate_lr}}
+    if method == "alora":
+        return {
+            **section,
+            "schedule": every,
+            "alora": {
+                "rounds": 10**6,
+                "val_samples": args.alora_val_samples,
+                "variants_per_forward": args.alora_variants_per_forward,
+            },
+        }
+    if method == "modalloc":
+        return {**section, "schedule": every, "modalloc": {"strategy": "discounted"}}
+    return {**section, "adalora": {"tinit": args.interval - 1, "tfinal": 0, "delta_t": args.interval}}  # fmt: skip
 
 
 def adapter_bytes(model) -> int:
-    """Working copy + fp32 master + two Adam moments of every adapter tensor, as allocated (live or not)."""
-    from ds_dynrank.lora import lora_parameters
+    """Working copy + fp32 master + two Adam moments of every adapter parameter, as allocated (live or not), plus
+    the working copy of adapters held as buffers (inactive modules under physical module allocation)."""
+    import torch
+
+    from ds_dynrank.lora import adapter_state_tensors, iter_lora
     from ds_dynrank.zero import full_numel
 
-    params = lora_parameters(model)
-    working = sum(full_numel(p) * p.element_size() for p in params)
-    return working + 3 * 4 * sum(full_numel(p) for p in params)
+    tensors = adapter_state_tensors(iter_lora(model))
+    working = sum(full_numel(t) * t.element_size() for t in tensors)
+    return working + 3 * 4 * sum(full_numel(t) for t in tensors if isinstance(t, torch.nn.Parameter))
 
 
-def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
+def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict) -> dict:
     import deepspeed
     import torch
     from tqdm import tqdm
@@ -62,7 +86,8 @@ def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
     model, _ = load_model_and_tokenizer(args.model)
     adapters = inject_lora(model, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=ds_config)
-    dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps, ds_config=ds_config)
+    dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps + args.warmup, ds_config=ds_config,
+                      validation=validation)  # fmt: skip
     bytes_before = adapter_bytes(model)
     del engine
     step_times = []
@@ -92,6 +117,7 @@ def run_variant(name: str, args, base_cfg: dict, batches: list) -> dict:
         "bytes_before": bytes_before,
         "bytes_after": adapter_bytes(dynrank.engine.module),
         "budget": dynrank.budget_in_use(),
+        "trainable_parameters": dynrank.trainable_parameters(),
         "final_loss": float(loss.item()),
     }
     dynrank.engine.destroy()
@@ -108,7 +134,11 @@ def main() -> int:
     p.add_argument("--interval", type=int, default=5, help="optimizer steps between re-allocation events")
     p.add_argument("--l1_lambda", type=float, default=0.5)
     p.add_argument("--gate_lr", type=float, default=0.1)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--alora_val_samples", type=int, default=4, help="ALoRA's scoring batch (paper: 32)")
+    p.add_argument("--alora_variants_per_forward", type=int, default=16)
+    p.add_argument("--target_modules", default=None, help="comma-separated override of the config's targets")
+    p.add_argument("--r", type=int, default=None, help="override of the config's rank")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_cost.json"))
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -133,18 +163,24 @@ def main() -> int:
     offset = dist.rank() * micro
     batches = [collate_train(task.train[offset + i * micro * dist.world_size():][:micro], task.candidate_ids,
                              task.pad_id) for i in range(args.steps + args.warmup)]  # fmt: skip
-    results = [run_variant(v, args, base, batches) for v in args.variants.split(",")]
+    held_out = task.train[-args.alora_val_samples :]  # ALoRA's fixed scoring batch, the same on every rank
+    validation = collate_train(held_out, task.candidate_ids, task.pad_id)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    results = [run_variant(v, args, base, batches, validation) for v in args.variants.split(",")]
     if dist.is_main():
         lora = next(r for r in results if r["variant"] == "lora")
-        print(f"\n{'variant':<14} {'s/step':>8} {'x LoRA':>7} {'events':>6} {'event (LoRA steps)':>18} "
-              f"{'slots moved':>11} {'bytes before':>13} {'bytes after':>12} {'x LoRA':>7}")  # fmt: skip
+        print(f"\n{'variant':<18} {'s/step':>8} {'x LoRA':>7} {'events':>6} {'event (LoRA steps)':>18} "
+              f"{'slots moved':>11} {'bytes before':>13} {'bytes after':>12} {'x LoRA':>7} "
+              f"{'trainable':>10}")  # fmt: skip
         for r in results:
             r["step_time_ratio"] = r["seconds_per_step"] / lora["seconds_per_step"]
             r["event_cost_steps"] = r["event_seconds"] / lora["seconds_per_step"]
             r["bytes_ratio"] = r["bytes_after"] / lora["bytes_after"]
-            print(f"{r['variant']:<14} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} {r['events']:>6} "
+            print(f"{r['variant']:<18} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} {r['events']:>6} "
                   f"{r['event_cost_steps']:>18.2f} {r['slots_changed']:>11} {r['bytes_before']:>13,} "
-                  f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f}")  # fmt: skip
+                  f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f} {r['trainable_parameters']:>10,}")  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
         print(f"\nwritten to {args.out}")

@@ -67,7 +67,7 @@ def prepare(args: argparse.Namespace):
     from transformers import set_seed
 
     from ds_dynrank import checkpoint
-    from ds_dynrank.config import from_ds_config, load_ds_config
+    from ds_dynrank.config import check_deepspeed_compat, from_ds_config, load_ds_config
     from ds_dynrank.data import build_task
     from ds_dynrank.dist import check_launch_env
     from ds_dynrank.inject import inject_lora
@@ -76,6 +76,7 @@ def prepare(args: argparse.Namespace):
 
     ds_config = load_ds_config(args.deepspeed)
     dyn_cfg = from_ds_config(ds_config)
+    check_deepspeed_compat(dyn_cfg, ds_config)
     check_launch_env()
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
@@ -88,6 +89,7 @@ def prepare(args: argparse.Namespace):
         max_length=args.max_length,
         max_eval_samples=args.eval_samples or None,
     )
+    validation = hold_out_validation(task, dyn_cfg, args.seed)
     adapters = inject_lora(model, dyn_cfg)
     resume = None
     if args.resume:
@@ -98,8 +100,29 @@ def prepare(args: argparse.Namespace):
             raise UserInputError(f"--resume: checkpoint {root / tag} adapts other modules than this model and config")
         if dyn_cfg.dynamic and dyn_cfg.reshape.backend == "physical":
             adapters = resize_to(model, adapters, ranks)  # shapes must match before DeepSpeed loads the state
+            for name, layer in adapters:  # module allocation: inactive adapters are buffers, not parameters
+                layer.set_trainable(checkpoint.saved_activity(root, tag).get(name, True), as_buffers=True)
         resume = (root, tag)
-    return ds_config, dyn_cfg, model, task, adapters, resume
+    return ds_config, dyn_cfg, model, task, adapters, resume, validation
+
+
+def hold_out_validation(task, dyn_cfg, seed: int) -> dict | None:
+    """ALoRA's fixed scoring batch: `alora.val_samples` training examples drawn with the run's seed (the same on
+    every rank) and removed from training, so the allocation never looks at the evaluation split."""
+    if dyn_cfg.method != "alora":
+        return None
+    import torch
+
+    from ds_dynrank.data import collate_train
+
+    n = dyn_cfg.alora.val_samples
+    if n >= len(task.train):
+        raise UserInputError(f"dynrank.alora.val_samples: {n} leaves no training data ({len(task.train)} examples)")
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = set(order[:n])
+    batch = collate_train([task.train[i] for i in order[:n]], task.candidate_ids, task.pad_id)
+    task.train = [e for i, e in enumerate(task.train) if i not in chosen]
+    return batch
 
 
 def shared_output_dir(args: argparse.Namespace) -> Path:
@@ -130,19 +153,16 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.runtime import local_world_size, share_cpu_threads
     from ds_dynrank.zero import full_numel
 
-    ds_config, dyn_cfg, model, task, adapters, resume = prepare(args)
+    ds_config, dyn_cfg, model, task, adapters, resume, validation = prepare(args)
     dist.init(timeout_s=args.dist_timeout)
     output_dir = shared_output_dir(args)
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
     bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
-    groups = optimizer_groups(dyn_cfg, adapters)
+    groups = optimizer_groups(dyn_cfg, adapters, fresh=resume is None)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     trainable_initial = sum(full_numel(p) for p in lora_parameters(model))
-    dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir,
-                      ds_config=ds_config)  # fmt: skip
-
     sampler = DistributedSampler(
         task.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
     )
@@ -153,6 +173,9 @@ def train(args: argparse.Namespace) -> dict:
         collate_fn=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
         generator=torch.Generator().manual_seed(args.seed),  # iter() draws from it, not from dropout's global RNG
     )
+    steps_per_epoch = max(1, len(loader) // engine.gradient_accumulation_steps())
+    dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir,
+                      ds_config=ds_config, steps_per_epoch=steps_per_epoch, validation=validation)  # fmt: skip
 
     def run_eval() -> dict[str, float]:
         engine = dynrank.engine  # the physical backend replaces the engine at its events
@@ -181,6 +204,7 @@ def train(args: argparse.Namespace) -> dict:
         meta = {"method": dyn_cfg.method, "base_model": base_model, "world_size": dist.world_size(),
                 **export_settings(dynrank.adapters),
                 "ranks": outputs.allocation(dynrank.adapters),
+                "active": {name: layer.trainable for name, layer in dynrank.adapters},
                 "scaling": {name: layer.scaling for name, layer in dynrank.adapters}}  # fmt: skip
         checkpoint.save(dynrank.engine, output_dir / "checkpoints", f"step{dynrank.engine.global_steps}", client, meta)
 
@@ -200,9 +224,11 @@ def train(args: argparse.Namespace) -> dict:
             engine.step()
             event = dynrank.after_step()  # collective; re-allocates when the schedule says so
             engine = dynrank.engine
-            if event and event["slots_changed"] and dist.is_main():
-                bar.write(f"step {event['step']}: re-allocated {event['slots_changed']} slots, "
-                          f"budget {event['budget']} {event['budget_unit']}")  # fmt: skip
+            if event and event["modules_changed"] and dist.is_main():
+                active = f", {sum(event['active'].values())} modules active" if "active" in event else ""
+                bar.write(f"step {event['step']}: re-allocated {event['slots_changed']} slots in "
+                          f"{event['modules_changed']} modules, budget {event['budget']} {event['budget_unit']}"
+                          f"{active}")  # fmt: skip
             window_loss += loss.detach().float().cpu()
             window_micro += 1
             if not at_boundary:
@@ -239,6 +265,7 @@ def train(args: argparse.Namespace) -> dict:
         "wall_seconds": round(wall, 2),
         "trainable_parameters": sum(full_numel(p) for p in lora_parameters(engine.module)),  # physical: changes
         "trainable_parameters_initial": trainable_initial,
+        "trainable_parameters_active": dynrank.trainable_parameters(),  # live slots of modules that train
         "world_size": dist.world_size(),
         "zero_stage": engine.zero_optimization_stage(),
         "method": dyn_cfg.method,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_dynrank.config import DynRankConfig, from_ds_config, load_ds_config, schema_table
+from ds_dynrank.config import DynRankConfig, check_deepspeed_compat, from_ds_config, load_ds_config, schema_table
 from ds_dynrank.ds_config import resolve
 from ds_dynrank.errors import UserInputError
 
@@ -26,7 +26,10 @@ def test_defaults_are_plain_lora():
         ({"rank": 8}, r"dynrank\.rank: unknown key \(known keys: method, target_modules"),
         ({"r": -4}, r"dynrank\.r: Input should be greater than or equal to 1 \(got -4\)"),
         ({"r": "eight"}, r"dynrank\.r: Input should be a valid integer.*\(got 'eight'\)"),
-        ({"method": "l2ra"}, r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc' or 'adalora' \(got 'l2ra'\)"),
+        (
+            {"method": "l2ra"},
+            r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc' or 'adalora' \(got 'l2ra'\)",
+        ),
         ({"lora_dropout": 1.0}, r"dynrank\.lora_dropout: Input should be less than 1"),
         ({"lora_alpha": 0}, r"dynrank\.lora_alpha: Input should be greater than 0"),
         ({"target_modules": []}, r"dynrank\.target_modules: .*must name at least one module"),
@@ -62,7 +65,16 @@ def test_load_ds_config_errors(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_configs_validate_and_resolve(path, tmp_path):
     raw = load_ds_config(path)
-    assert isinstance(from_ds_config(raw), DynRankConfig)
+    cfg = from_ds_config(raw)
+    assert isinstance(cfg, DynRankConfig)
+    check_deepspeed_compat(cfg, raw)
+    if cfg.dynamic:  # the shipped schedule fires within the default 60-step run (375 steps per epoch there)
+        from ds_dynrank.methods import build_method
+        from ds_dynrank.schedule import check_fits
+
+        schedule = build_method(cfg).schedule(60, 375)
+        check_fits(schedule, 60, cfg.method)
+        assert len([s for s in schedule.events() if s < 60]) >= 2, schedule
     if path.name.startswith("hf_"):  # for HF Trainer, which resolves its own "auto" values
         assert "optimizer" not in raw and "scheduler" not in raw
         return
