@@ -12,6 +12,7 @@ from datetime import timedelta
 import deepspeed
 import deepspeed.comm as dscomm
 import torch
+import torch.distributed
 
 from ds_dynrank.errors import UserInputError
 
@@ -161,3 +162,15 @@ def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     if world_size() > 1:
         dscomm.broadcast(t, src=src, group=group)
     return t
+
+
+def ranks_where(flag: bool, device=None) -> list[int]:
+    """The ranks on which `flag` is true, known to every rank (one all-gather of one value)."""
+    mine = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    return [r for r, t in enumerate(all_gather(mine)) if int(t.item())]
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A process-group error (a dead or hung peer), as gloo and NCCL report it, rather than a bug of ours."""
+    signs = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL error")
+    return isinstance(err, torch.distributed.DistError) or any(sign in str(err) for sign in signs)

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from ds_dynrank.errors import UserInputError  # noqa: E402
+from ds_dynrank.errors import NonFiniteLossError, UserInputError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,6 +219,7 @@ def train(args: argparse.Namespace) -> dict:
             loop["batch"] = index + 1
             engine = dynrank.engine  # replaced by a physical re-allocation event
             loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+            stop_on_non_finite(loss, engine, output_dir)  # collective: every rank stops together, before stepping
             engine.backward(loss + dynrank.penalty())
             at_boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -290,6 +291,24 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def stop_on_non_finite(loss, engine, output_dir: Path) -> None:
+    """A NaN or Inf loss on any rank stops every rank before the step is applied, so the adapters are not poisoned
+    and the last checkpoint stays the last good state."""
+    import torch
+
+    from ds_dynrank import dist
+    from ds_dynrank.errors import NonFiniteLossError
+
+    bad = dist.ranks_where(not bool(torch.isfinite(loss.detach()).all()), device=engine.device)
+    if bad:
+        latest = output_dir / "checkpoints" / "latest"
+        last = f"{output_dir / 'checkpoints'}/{latest.read_text().strip()}" if latest.is_file() else "none written"
+        raise NonFiniteLossError(
+            f"loss is not finite (NaN or Inf) on rank(s) {bad} at optimizer step "
+            f"{engine.global_steps + 1}; stopped before applying it. Last good checkpoint: {last}"
+        )
+
+
 def allocation_checksum(adapters) -> str:
     """A short digest of {module: live rank}, printed by every rank so multi-node logs can be compared."""
     import hashlib
@@ -315,6 +334,20 @@ def main(argv: list[str] | None = None) -> int:
         if _launch_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLossError as err:
+        if _launch_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
+    except RuntimeError as err:
+        from ds_dynrank.dist import is_collective_failure
+
+        if not is_collective_failure(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"error: rank {_launch_rank()}: a collective failed: a peer process died or stopped responding "
+              f"(within --dist_timeout). Checkpoints already committed are intact; resume with --resume. "
+              f"[{first}]", file=sys.stderr, flush=True)  # fmt: skip
+        return 4
     return 0
 
 

@@ -37,6 +37,31 @@ def test_defaults_are_plain_lora():
         ({"rank_pattern": {"v_proj": 0}}, r"dynrank\.rank_pattern: .*must be > 0"),
         ({"r": 8, "capacity": 4}, r"dynrank: .*capacity \(4\) must be >= the largest initial rank \(8\)"),
         ({"r": 4, "rank_pattern": {"q": 12}, "capacity": 8}, r"largest initial rank \(12\)"),
+        ({"method": "alora", "alora": {"rounds": 0}}, r"dynrank\.alora\.rounds: Input should be greater than"),
+        ({"method": "alora", "alora": {"k1_epochs": 0}}, r"dynrank\.alora\.k1_epochs: Input should be greater"),
+        ({"method": "l1ra", "alora": {"rounds": 2}}, r"alora: only used by method alora, but method is 'l1ra'"),
+        ({"method": "modalloc", "modalloc": {"strategy": "best"}}, r"dynrank\.modalloc\.strategy: Input should be"),
+        (
+            {"method": "modalloc", "modalloc": {"threshold": 1.5, "strategy": "threshold"}},
+            r"dynrank\.modalloc\.threshold: Input should be less than or equal to 1",
+        ),
+        (
+            {"method": "modalloc", "modalloc": {"threshold": 0.0, "strategy": "threshold"}},
+            r"dynrank\.modalloc\.threshold: Input should be greater than 0",
+        ),
+        ({"method": "modalloc", "modalloc": {"threshold": 0.5}}, r"threshold: only used by strategy 'threshold'"),
+        ({"method": "modalloc", "modalloc": {"k": 3, "strategy": "threshold"}}, r"k: strategy 'threshold' sizes"),
+        ({"method": "modalloc", "modalloc": {"score": "weights"}}, r"dynrank\.modalloc\.score: Input should be"),
+        ({"method": "modalloc", "budget": {"floor": 1}}, r"budget: method modalloc keeps every rank"),
+        ({"method": "modalloc", "capacity": 16}, r"capacity: method 'modalloc' never grows a module"),
+        ({"method": "modalloc", "schedule": {"kind": "once", "interval": 5}}, r"kind 'once' fires at start only"),
+        ({"method": "modalloc", "schedule": {"kind": "twice"}}, r"dynrank\.schedule\.kind: Input should be"),
+        ({"method": "adalora", "r": 8, "adalora": {"target_r": 12}}, r"adalora\.target_r \(12\.0\) must be <= r"),
+        ({"method": "adalora", "schedule": {"interval": 2}}, r"schedule: method adalora follows its cubic schedule"),
+        ({"method": "adalora", "budget": {"unit": "params"}}, r"budget\.unit: method adalora counts its budget"),
+        ({"method": "adalora", "adalora": {"beta1": 1.0}}, r"dynrank\.adalora\.beta1: Input should be less than 1"),
+        ({"method": "adalora", "adalora": {"delta_t": 0}}, r"dynrank\.adalora\.delta_t: Input should be greater"),
+        ({"method": "lora", "modalloc": {"k": 2}}, r"modalloc: only used by method modalloc, but method is 'lora'"),
     ],
 )
 def test_bad_values_name_the_field(section, expected):
@@ -98,3 +123,30 @@ def test_readme_config_table_matches_schema():
     block = re.search(r"<!-- config-table:start -->\n(.*?)\n<!-- config-table:end -->", readme, re.S)
     assert block, "README lacks the generated config table markers"
     assert block.group(1).strip() == schema_table().strip(), "run `python -m ds_dynrank config-table`"
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "ok"),
+    [({"type": "AdamW", "params": {"weight_decay": 0.0}}, True), ({"type": "AdamW", "params": {}}, False),
+     ({"type": "AdamW", "params": {"weight_decay": 0.1}}, False), ({"type": "Adam", "params": {}}, True)],
+)  # fmt: skip
+def test_masked_module_allocation_refuses_weight_decay(optimizer, ok):
+    raw = {"optimizer": optimizer, "dynrank": {"method": "modalloc"}}
+    if ok:
+        check_deepspeed_compat(from_ds_config(raw), raw)
+        return
+    with pytest.raises(UserInputError, match=r"optimizer\.params\.weight_decay: .* method 'modalloc'"):
+        check_deepspeed_compat(from_ds_config(raw), raw)
+    physical = {**raw, "dynrank": {"method": "modalloc", "reshape": {"backend": "physical"}}}
+    check_deepspeed_compat(from_ds_config(physical), physical)  # inactive adapters leave the optimizer there
+
+
+def test_a_schedule_that_never_fires_in_the_run_is_refused():
+    from ds_dynrank.methods import build_method
+    from ds_dynrank.schedule import check_fits
+
+    cfg = from_ds_config({"dynrank": {"method": "alora"}})
+    schedule = build_method(cfg).schedule(60, 375)  # K1 = 1 epoch = 375 steps > 60
+    with pytest.raises(UserInputError, match=r"dynrank\.schedule: method 'alora' would first re-allocate at .* 375"):
+        check_fits(schedule, 60, "alora")
+    assert build_method(cfg).schedule(4000, 375).events()[:3] == [375, 469, 563]  # K2 = 0.25 epoch

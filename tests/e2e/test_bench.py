@@ -1,0 +1,33 @@
+"""`launch/bench.py` covers LoRA and every method on both backends in one process group: it runs, prints ratios
+against LoRA measured in the same run, and its JSON says what each variant did (nothing about speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from helpers import REPO, subprocess_env
+from test_methods_launch import free_port
+
+
+@pytest.mark.e2e
+def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "bench.py"),
+           "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--model", str(tiny_model_dir), "--dataset",
+           str(tiny_csv), "--steps", "6", "--warmup", "1", "--interval", "3", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    methods = ("l1ra", "alora", "modalloc", "adalora")
+    assert set(results) == {"lora", *(f"{m}-{b}" for m in methods for b in ("masked", "physical"))}
+    assert results["lora"]["step_time_ratio"] == 1.0 and results["lora"]["events"] == 0
+    for name, r in results.items():
+        assert r["seconds_per_step"] > 0 and r["step_time_ratio"] > 0, name
+        if name != "lora":
+            assert r["events"] >= 1, name
+    # physical module allocation: inactive adapters hold no master and no Adam state
+    assert results["modalloc-physical"]["bytes_after"] < results["modalloc-masked"]["bytes_after"]
+    assert results["modalloc-masked"]["trainable_parameters"] < results["lora"]["trainable_parameters"]
+    assert "x LoRA" in result.stdout
