@@ -150,7 +150,9 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.export import export_settings, from_adapters, gather_full, write_peft_adapter
     from ds_dynrank.hook import DynRank, optimizer_groups
     from ds_dynrank.lora import lora_parameters
+    from ds_dynrank.methods import build_method
     from ds_dynrank.runtime import local_world_size, share_cpu_threads
+    from ds_dynrank.schedule import check_fits
     from ds_dynrank.zero import full_numel
 
     ds_config, dyn_cfg, model, task, adapters, resume, validation = prepare(args)
@@ -160,6 +162,10 @@ def train(args: argparse.Namespace) -> dict:
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
     bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
+    micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
+    steps_per_epoch = max(1, len(task.train) // (micro * dist.world_size()) // accumulation)  # the loader's count
+    if dyn_cfg.dynamic:  # before DeepSpeed writes anything: a schedule that never fires would train plain LoRA
+        check_fits(build_method(dyn_cfg).schedule(args.max_steps, steps_per_epoch), args.max_steps, dyn_cfg.method)
     groups = optimizer_groups(dyn_cfg, adapters, fresh=resume is None)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     trainable_initial = sum(full_numel(p) for p in lora_parameters(model))
@@ -173,7 +179,7 @@ def train(args: argparse.Namespace) -> dict:
         collate_fn=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
         generator=torch.Generator().manual_seed(args.seed),  # iter() draws from it, not from dropout's global RNG
     )
-    steps_per_epoch = max(1, len(loader) // engine.gradient_accumulation_steps())
+    assert steps_per_epoch == max(1, len(loader) // engine.gradient_accumulation_steps())
     dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir,
                       ds_config=ds_config, steps_per_epoch=steps_per_epoch, validation=validation)  # fmt: skip
 

@@ -33,6 +33,14 @@ CASES = {
                            r"^error: --resume: no checkpoint in .*nothing \(expected a 'latest' file or "),
     "bad_flag_value": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--max_steps", "0"],
                        r"^error: --max_steps: must be >= 1, got 0$"),
+    "schedule_never_fires": (lambda tmp, m, d: ["--deepspeed", _config(tmp, method="l1ra", schedule={"start": 50}),
+                                                "--model", m, "--dataset", d, "--max_steps", "10"],
+                             r"^error: dynrank\.schedule: method 'l1ra' would first re-allocate at optimizer step 50, "
+                             r"but the run has 10 steps"),
+    "alora_val_too_large": (lambda tmp, m, d: ["--deepspeed", _config(tmp, method="alora",
+                                                                       alora={"val_samples": 5000}),
+                                               "--model", m, "--dataset", d],
+                            r"^error: dynrank\.alora\.val_samples: 5000 leaves no training data"),
 }  # fmt: skip
 
 

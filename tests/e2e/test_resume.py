@@ -100,7 +100,7 @@ def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, c
 def test_resume_with_another_world_size_is_a_clear_error(tiny_model_dir, tiny_csv, tmp_path):
     cfg, env, out = _config(tmp_path, "zero2_l1ra.json"), subprocess_env(), tmp_path / "run"
     args = _cmd(cfg, tiny_model_dir, tiny_csv, out)[3:]  # the train.py arguments, without the launcher
-    args[args.index("--max_steps") + 1] = "2"
+    args[args.index("--max_steps") + 1] = "3"  # one event (at step 2) inside the run
     first = subprocess.run(["deepspeed", "--num_gpus", "2", *args], env=env, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]

@@ -62,6 +62,15 @@ def test_defaults_are_plain_lora():
         ({"method": "adalora", "adalora": {"beta1": 1.0}}, r"dynrank\.adalora\.beta1: Input should be less than 1"),
         ({"method": "adalora", "adalora": {"delta_t": 0}}, r"dynrank\.adalora\.delta_t: Input should be greater"),
         ({"method": "lora", "modalloc": {"k": 2}}, r"modalloc: only used by method modalloc, but method is 'lora'"),
+        ({"method": "l1ra", "schedule": {"start": 20, "stop": 10}}, r"start \(20\) must be <= stop \(10\)"),
+        ({"method": "l1ra", "schedule": {"interval": 0}}, r"dynrank\.schedule\.interval: Input should be greater"),
+        ({"method": "l1ra", "r": 4, "budget": {"floor": 6}}, r"budget\.floor \(6\) exceeds the smallest initial"),
+        ({"method": "l1ra", "r": 8, "budget": {"cap": 4}}, r"budget\.cap \(4\) is below the largest initial rank"),
+        ({"method": "l1ra", "budget": {"unit": "bytes"}}, r"dynrank\.budget\.unit: Input should be 'rank' or"),
+        ({"method": "l1ra", "l1ra": {"threshold": -1}}, r"dynrank\.l1ra\.threshold: Input should be greater"),
+        ({"method": "l1ra", "gate": False}, r"gate: method l1ra needs gate: true"),
+        ({"method": "l1ra", "reshape": {"backend": "physical"}, "capacity": 16}, r"capacity: a masked-backend"),
+        ({"method": "lora", "schedule": {"interval": 5}}, r"schedule: only used by a dynamic method"),
     ],
 )
 def test_bad_values_name_the_field(section, expected):
@@ -150,3 +159,15 @@ def test_a_schedule_that_never_fires_in_the_run_is_refused():
     with pytest.raises(UserInputError, match=r"dynrank\.schedule: method 'alora' would first re-allocate at .* 375"):
         check_fits(schedule, 60, "alora")
     assert build_method(cfg).schedule(4000, 375).events()[:3] == [375, 469, 563]  # K2 = 0.25 epoch
+
+
+def test_a_method_that_needs_a_validation_batch_without_one_is_refused():
+    from helpers import tiny_llama
+
+    from ds_dynrank import inject_lora
+    from ds_dynrank.hook import DynRank
+
+    cfg = from_ds_config({"dynrank": {"method": "alora"}})
+    adapters = inject_lora(tiny_llama(), cfg)
+    with pytest.raises(UserInputError, match=r"dynrank\.method: 'alora' scores ranks on a validation batch"):
+        DynRank(None, cfg, adapters, total_steps=100)  # refused before the engine is even looked at

@@ -1,6 +1,8 @@
 """Soak: 50 re-allocation events in one run, 2 real processes, ZeRO-2 masked and ZeRO-3 physical. Ranks move at
 every event; the rank budget is held at every event; the optimizer holds exactly the state the live shapes imply
-(nothing leaked by 50 rebuilds); one engine stays alive; resident memory stays flat."""
+(nothing leaked by 50 rebuilds); one engine stays alive; resident memory stays flat. Then one rank goes wrong on
+its own (NaN scores, a corrupted decision): every rank skips the garbage event together and applies rank 0's
+decision, never its own."""
 
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
                               for p in lora_parameters(dynrank.engine.module))  # fmt: skip
             states.append((optimizer_state_elements(dynrank.engine), partitioned))
         del engine  # the loop's reference to the last engine; only dynrank.engine may hold one now
+        if backend == "masked":
+            disagreements = _disagreeing_rank(dynrank, rank)
         gc.collect()
         report[(stage, backend)] = {
             "history": [(h["step"], h["budget"], h["slots_changed"]) for h in dynrank.history],
@@ -54,11 +58,38 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
             "states": states,
             "engines": sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects()),
             "stage3_total": stage == 3,
+            "disagreements": disagreements if backend == "masked" else None,
         }
         dynrank.engine.destroy()
         del dynrank
         gc.collect()
     torch.save(report, out_dir / f"soak_rank{rank}.pt")
+
+
+def _disagreeing_rank(dynrank, rank: int) -> dict:
+    """Rank 1 goes wrong on its own: NaN scores, then a corrupted plan of its own. Every rank must skip the first
+    event together and apply rank 0's decision for the second."""
+    import warnings
+
+    from ds_dynrank.allocation import Plan
+
+    before = len(dynrank.history)
+    real = dynrank.method.local_scores
+    if rank == 1:
+        dynrank.method.local_scores = lambda *a: real(*a) * float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        skipped = dynrank.reallocate()
+    dynrank.method.local_scores = real
+    live = [layer.live_slots() for _, layer in dynrank.adapters]
+    if rank == 0:  # rank 0 decides: drop one slot of module 0
+        plan = Plan(keep=(tuple(live[0][1:]), *map(tuple, live[1:])), grow=(0,) * len(live))
+    else:  # a corrupted decision on rank 1: everything dropped but one slot everywhere
+        plan = Plan(keep=tuple((slots[0],) for slots in live), grow=(0,) * len(live))
+    dynrank.reallocate(plan)
+    return {"skipped": skipped == {} and len(dynrank.history) == before + 1,
+            "warned": any("non-finite scores" in str(w.message) for w in caught),
+            "ranks": [layer.rank for _, layer in dynrank.adapters]}  # fmt: skip
 
 
 @pytest.mark.deepspeed
@@ -67,7 +98,7 @@ def test_fifty_events_hold_budget_state_and_memory(run_distributed, tmp_path):
     for rank in (0, 1):
         report = torch.load(tmp_path / f"soak_rank{rank}.pt")
         for key, r in report.items():
-            history = r["history"]
+            history = r["history"][: EVENTS + 1]  # (the masked run then has one forced event more, below)
             assert [h[0] for h in history] == list(range(EVENTS + 1)), key
             assert {h[1] for h in history} == {history[0][1]}, f"{key}: the budget moved"
             assert sum(h[2] > 0 for h in history) >= EVENTS // 2, f"{key}: ranks rarely moved"
@@ -80,3 +111,8 @@ def test_fifty_events_hold_budget_state_and_memory(run_distributed, tmp_path):
                 assert all(moments == 2 * owned for moments, owned in r["states"]), key
             growth = (r["rss"][-1] - r["rss"][0]) / 2**20
             assert growth < 40, f"{key}: RSS grew {growth:.1f} MiB over {EVENTS - 10} events"
+    mine, other = (torch.load(tmp_path / f"soak_rank{r}.pt")[(2, "masked")]["disagreements"] for r in (0, 1))
+    assert mine["skipped"] and other["skipped"], "non-finite scores on one rank must skip the event on every rank"
+    assert other["warned"]
+    assert mine["ranks"] == other["ranks"], "a rank's own corrupted decision must never be applied"
+    assert min(mine["ranks"]) >= 1 and sum(mine["ranks"]) > len(mine["ranks"])  # rank 0's plan, not rank 1's
