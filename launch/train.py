@@ -166,6 +166,9 @@ def train(args: argparse.Namespace) -> dict:
     steps_per_epoch = max(1, len(task.train) // (micro * dist.world_size()) // accumulation)  # the loader's count
     if dyn_cfg.dynamic:  # before DeepSpeed writes anything: a schedule that never fires would train plain LoRA
         check_fits(build_method(dyn_cfg).schedule(args.max_steps, steps_per_epoch), args.max_steps, dyn_cfg.method)
+    universal = resume is not None and checkpoint.is_universal(*resume)
+    if universal:  # DeepSpeed re-partitions the whole fp32 values and moments for this number of processes
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     groups = optimizer_groups(dyn_cfg, adapters, fresh=resume is None)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     trainable_initial = sum(full_numel(p) for p in lora_parameters(model))
@@ -196,9 +199,14 @@ def train(args: argparse.Namespace) -> dict:
         _, client = engine.load_checkpoint(str(resume[0]), tag=resume[1], load_module_strict=False)
         if client is None:
             raise UserInputError(f"--resume: DeepSpeed could not load {resume[0] / resume[1]}")
+        if universal:
+            checkpoint.restore_universal_buffers(engine.module, *resume)
         dynrank.load_state_dict(client["dynrank"])
         loop, history, baseline = client["loop"], client["eval_history"], client["baseline"]
-        checkpoint.restore_rng(*resume)
+        if universal:  # another number of processes: continue after the same number of samples of the epoch
+            saved_world = checkpoint.read_meta(*resume)["world_size"]
+            loop = {"epoch": loop["epoch"], "batch": loop["batch"] * saved_world // dist.world_size()}
+        checkpoint.restore_rng(*resume)  # (a universal checkpoint has no per-rank RNG: fresh streams)
     else:
         baseline = run_eval()
         history = [{"step": 0, **baseline}]
