@@ -163,7 +163,8 @@ def train(args: argparse.Namespace) -> dict:
     bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
-    steps_per_epoch = max(1, len(task.train) // (micro * dist.world_size()) // accumulation)  # the loader's count
+    per_rank = len(task.train) // dist.world_size()  # DistributedSampler(drop_last=True), then micro-batches
+    steps_per_epoch = max(1, -(-per_rank // micro) // accumulation)  # len(loader) // accumulation
     if dyn_cfg.dynamic:  # before DeepSpeed writes anything: a schedule that never fires would train plain LoRA
         check_fits(build_method(dyn_cfg).schedule(args.max_steps, steps_per_epoch), args.max_steps, dyn_cfg.method)
     universal = resume is not None and checkpoint.is_universal(*resume)
@@ -182,7 +183,6 @@ def train(args: argparse.Namespace) -> dict:
         collate_fn=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
         generator=torch.Generator().manual_seed(args.seed),  # iter() draws from it, not from dropout's global RNG
     )
-    assert steps_per_epoch == max(1, len(loader) // engine.gradient_accumulation_steps())
     dynrank = DynRank(engine, dyn_cfg, adapters, total_steps=args.max_steps, output_dir=output_dir,
                       ds_config=ds_config, steps_per_epoch=steps_per_epoch, validation=validation)  # fmt: skip
 
