@@ -68,3 +68,22 @@ def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_p
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
     assert errors == ["error: dynrank.r: Input should be greater than or equal to 1 (got 0)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_checkpoint_of_another_model_or_config_is_refused(tiny_model_dir, tiny_csv, tmp_path):
+    """A checkpoint whose adapters do not match this model and config: one line, exit 2, the checkpoint untouched."""
+    out, env = tmp_path / "run", subprocess_env()
+    base = [PYTHON, TRAIN, "--model", str(tiny_model_dir), "--dataset", str(tiny_csv), "--max_steps", "2",
+            "--eval_interval", "0", "--eval_samples", "8", "--output_dir", str(out)]  # fmt: skip
+    first = subprocess.run([*base, "--deepspeed", _config(tmp_path)], env=env, capture_output=True, text=True,
+                           timeout=180)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in (out / "checkpoints" / "step2").iterdir())
+    other = _config(tmp_path, target_modules=["q_proj", "v_proj"])
+    again = subprocess.run([*base, "--deepspeed", other, "--resume"], env=env, capture_output=True, text=True,
+                           timeout=180)  # fmt: skip
+    assert again.returncode == 2
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "adapts other modules than this model and config" in errors[0], again.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints" / "step2").iterdir()) == before
