@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             from ds_dynrank import assets
 
             print(f"dataset: {assets.default_dataset_csv()}")
+            print(f"second benchmark dataset: {assets.uncertainty_dataset_csv()}")
             print(f"model:   {assets.default_model_dir()}")
         elif args.command == "reshard":
             from ds_dynrank.checkpoint import to_universal

