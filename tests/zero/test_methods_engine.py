@@ -1,7 +1,7 @@
-"""ALoRA, module allocation and the AdaLoRA-style scorer on the engine, 2 real processes under ZeRO-2 and ZeRO-3
-with both reshape backends: each method runs, its ranks or active modules change, the budget follows the
-method's rule, and both ranks hold the same allocation and bit-identical adapter state after every run, although
-each rank trains on different data."""
+"""ALoRA, module allocation and the AdaLoRA-style scorer on the engine, 2 real processes under ZeRO 0-3 (both
+reshape backends under ZeRO-2 and ZeRO-3, one each under ZeRO-0 and ZeRO-1): each method runs, its ranks or active
+modules change, the budget follows the method's rule, and both ranks hold the same allocation and bit-identical
+adapter state after every run, although each rank trains on different data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import build_dynrank
 
-RUNS = [(2, "masked"), (3, "masked"), (2, "physical"), (3, "physical")]
+RUNS = [(0, "masked"), (1, "physical"), (2, "masked"), (3, "masked"), (2, "physical"), (3, "physical")]
 STEPS = 10
 
 
