@@ -113,3 +113,18 @@ def test_single_token_fast_path_equals_full_scoring():
         full = candidate_logprobs(model, prompts, [[20, 1], [21, 1], [22, 1]], pad_id=0, device="cpu")
         tail = candidate_logprobs(model, [p + [c[0]] for p in prompts for c in padded], [[1]], 0, "cpu")
     torch.testing.assert_close(full, fast + tail.view(3, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_second_benchmark_task_loads_by_name(tokenizer):
+    """`--dataset wiki-uncertainty`: the CoNLL-2010 Wikipedia uncertainty sentences, built offline by
+    `python -m ds_dynrank prepare` (launch/setup.sh), with their own prompt."""
+    from ds_dynrank import assets
+
+    csv_path = assets.uncertainty_dataset_csv()
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "text,label" and len(lines) > 3000
+    task = build_task(tokenizer, "wiki-uncertainty", max_length=64)
+    assert task.label_names == ["certain", "uncertain"]
+    assert len(task.train) == 2250 and len(task.eval) == 750  # the fixed-seed 3:1 split
+    question = tokenizer("\nIs this statement certain or uncertain? Answer:", add_special_tokens=False)["input_ids"]
+    assert task.train[0]["prompt_ids"][-len(question) :] == question
