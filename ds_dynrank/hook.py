@@ -68,15 +68,15 @@ class DynRank:
         self.applied_steps = 0
         self._seen_global_steps = engine.global_steps
         physical = cfg.reshape.backend == "physical"
+        cost_M = [layer.rank_cost() for _, layer in adapters]
         self.bounds = Bounds(
             floor=cfg.budget.floor,
             cap_M=[cfg.budget.cap or (4 * layer.init_rank if physical else layer.capacity) for _, layer in adapters],
-            cost_M=[layer.rank_cost() for _, layer in adapters],
+            cost_M=cost_M,
             unit=cfg.budget.unit,
-            initial_budget=budget_used([layer.rank for _, layer in adapters],
-                                       [layer.rank_cost() for _, layer in adapters], cfg.budget.unit),
-        )  # fmt: skip
-        self.budget = self.budget_in_use()
+            initial_budget=budget_used(self.ranks(), cost_M, cfg.budget.unit),
+        )
+        self.budget = self.bounds.initial_budget  # the budget to hold
         self.history: list[dict] = []
         self.method.on_attach(engine, adapters)
         self._warned_missed = False
@@ -226,7 +226,7 @@ class DynRank:
                  "slots_changed": slots_changed, "modules_changed": modules_changed, "seconds": round(seconds, 4),
                  "trainable_parameters": self.trainable_parameters()}  # fmt: skip
         if self.method.uses_activity:
-            entry["active"] = {name: layer.trainable for name, layer in self.adapters}
+            entry["active"] = outputs.activity(self.adapters)
         self.history.append(entry)
         x = self.engine.global_samples
         events = monitor.rank_events(self.adapters, x) + [

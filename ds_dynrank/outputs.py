@@ -28,3 +28,8 @@ def write_json(path: Path, obj: Any) -> None:
 def allocation(adapters: list[tuple[str, LoRALinear]]) -> dict[str, int]:
     """`{module name: live rank}` for every adapted module, in iteration order."""
     return {name: layer.rank for name, layer in adapters}
+
+
+def activity(adapters: list[tuple[str, LoRALinear]]) -> dict[str, bool]:
+    """`{module name: does it train now}` for every adapted module (module allocation), in iteration order."""
+    return {name: layer.trainable for name, layer in adapters}

@@ -62,21 +62,18 @@ def apply_masked(plan: Plan, adapters: list[tuple[str, LoRALinear]], io: StateIO
     return len(work)
 
 
-def apply_activity(active: tuple[bool, ...], adapters: list[tuple[str, LoRALinear]], io: StateIO) -> int:
+def apply_activity(active: tuple[bool, ...], adapters: list[tuple[str, LoRALinear]], io: StateIO) -> None:
     """Masked backend, module allocation: modules going inactive keep their values but lose their Adam moments
     (held at zero from now on, so Adam moves nothing while no gradient arrives); modules coming back start from
-    zero moments. Collective: every rank reads the deactivated modules together. Returns modules changed."""
-    leaving = [layer for (_, layer), on in zip(adapters, active) if layer.trainable and not on]
-    states = io.read_many([p for layer in leaving for p in layer.adapter_tensors().values()])
-    for p, state in zip([p for layer in leaving for p in layer.adapter_tensors().values()], states):
+    zero moments. Collective: every rank reads the deactivated modules together."""
+    leaving = [p for (_, layer), on in zip(adapters, active) if layer.trainable and not on
+               for p in layer.adapter_tensors().values()]  # fmt: skip
+    for p, state in zip(leaving, io.read_many(leaving)):
         state.exp_avg.zero_()
         state.exp_avg_sq.zero_()
         io.write(p, state)
-    changed = 0
     for (_, layer), on in zip(adapters, active):
-        changed += layer.trainable != on
         layer.set_trainable(on)
-    return changed
 
 
 def physical_layers(plan: Plan, adapters: list[tuple[str, LoRALinear]], states: list[FullState], *, seed: int,

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TASKS = {"mr": "mr-polarity", "wiki-uncertainty": "wiki-uncertainty"}
-STRATEGIES = ("topk", "threshold", "multinomial", "discounted", "uniform")
+from ds_dynrank.strategies import STRATEGIES  # noqa: E402
+
 METHODS = ("lora", "l1ra", "alora", *(f"modalloc-{s}" for s in STRATEGIES), "adalora", "peft-adalora")
 
 

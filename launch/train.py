@@ -100,8 +100,9 @@ def prepare(args: argparse.Namespace):
             raise UserInputError(f"--resume: checkpoint {root / tag} adapts other modules than this model and config")
         if dyn_cfg.dynamic and dyn_cfg.reshape.backend == "physical":
             adapters = resize_to(model, adapters, ranks)  # shapes must match before DeepSpeed loads the state
+            active = checkpoint.saved_activity(root, tag)
             for name, layer in adapters:  # module allocation: inactive adapters are buffers, not parameters
-                layer.set_trainable(checkpoint.saved_activity(root, tag).get(name, True), as_buffers=True)
+                layer.set_trainable(active.get(name, True), as_buffers=True)
         resume = (root, tag)
     return ds_config, dyn_cfg, model, task, adapters, resume, validation
 
@@ -218,7 +219,7 @@ def train(args: argparse.Namespace) -> dict:
         meta = {"method": dyn_cfg.method, "base_model": base_model, "world_size": dist.world_size(),
                 **export_settings(dynrank.adapters),
                 "ranks": outputs.allocation(dynrank.adapters),
-                "active": {name: layer.trainable for name, layer in dynrank.adapters},
+                "active": outputs.activity(dynrank.adapters),
                 "scaling": {name: layer.scaling for name, layer in dynrank.adapters}}  # fmt: skip
         checkpoint.save(dynrank.engine, output_dir / "checkpoints", f"step{dynrank.engine.global_steps}", client, meta)
 

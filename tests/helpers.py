@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -162,3 +163,15 @@ def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2
         dynrank.after_step()
         losses.append(loss.item())
     return losses
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for launchers' rendezvous and the test SLURM cluster's daemons)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_lines(text: str) -> list[str]:
+    """The `error: ...` lines a refused start prints (the rest is library noise)."""
+    return [line for line in text.splitlines() if line.startswith("error:")]

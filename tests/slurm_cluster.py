@@ -9,10 +9,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from helpers import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "openmpi-bin", "libopenmpi-dev"]
 COMMANDS = ["slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey", "mpirun"]
@@ -38,18 +39,12 @@ def install_packages() -> str | None:
     return f"still missing after install: {', '.join(missing)}" if missing else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def slurm_conf(root: Path, munge_socket: Path) -> str:
     """The essentials for daemons without systemd or cgroups, nodes told apart by %n."""
     lines = [
         "ClusterName=dsdynrank",
         "SlurmctldHost=localhost(127.0.0.1)",
-        f"SlurmctldPort={_free_port()}",
+        f"SlurmctldPort={free_port()}",
         "SlurmUser=root",
         f"AuthInfo=socket={munge_socket}",
         "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
@@ -73,8 +68,7 @@ def slurm_conf(root: Path, munge_socket: Path) -> str:
         "MailProg=/bin/true",
     ]
     lines += [
-        f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} CPUs=2 State=UNKNOWN"
-        for n in NODES
+        f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} CPUs=2 State=UNKNOWN" for n in NODES
     ]
     lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"

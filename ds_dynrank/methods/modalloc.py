@@ -114,8 +114,3 @@ class ModAlloc(Method):
     def load_state_dict(self, state: dict) -> None:
         self.importance = state["importance"].clone()
         self.times_chosen = state["times_chosen"].clone()
-
-
-def trainable_parameters(adapters: Adapters) -> int:
-    """Adapter parameters that receive gradients now (live slots of active modules)."""
-    return sum(layer.rank * layer.rank_cost() for _, layer in adapters if layer.trainable)

@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, subprocess_env
+from helpers import PYTHON, REPO, error_lines, subprocess_env
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -52,7 +52,7 @@ def test_bad_input_is_one_clear_line(case, tiny_model_dir, tiny_csv, tmp_path):
     cmd = [PYTHON, TRAIN, *make_args(tmp_path, str(tiny_model_dir), str(tiny_csv)), "--output_dir", str(out)]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1, result.stderr[-3000:]
     assert __import__("re").match(pattern, errors[0]), errors[0]
     assert "Traceback" not in result.stderr
@@ -65,7 +65,7 @@ def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_p
            str(tiny_model_dir), "--dataset", str(tiny_csv), "--output_dir", str(tmp_path / "out")]  # fmt: skip
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    errors = error_lines(result.stdout + result.stderr)
     assert errors == ["error: dynrank.r: Input should be greater than or equal to 1 (got 0)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
@@ -84,6 +84,6 @@ def test_checkpoint_of_another_model_or_config_is_refused(tiny_model_dir, tiny_c
     again = subprocess.run([*base, "--deepspeed", other, "--resume"], env=env, capture_output=True, text=True,
                            timeout=180)  # fmt: skip
     assert again.returncode == 2
-    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(again.stderr)
     assert len(errors) == 1 and "adapts other modules than this model and config" in errors[0], again.stderr[-2000:]
     assert sorted(p.name for p in (out / "checkpoints" / "step2").iterdir()) == before

@@ -7,8 +7,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import REPO, subprocess_env
-from test_methods_launch import free_port
+from helpers import REPO, free_port, subprocess_env
 
 
 @pytest.mark.e2e

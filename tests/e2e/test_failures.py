@@ -12,8 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import PYTHON, REPO, subprocess_env
-from test_methods_launch import free_port
+from helpers import PYTHON, REPO, free_port, subprocess_env
 
 TRAIN = str(REPO / "launch" / "train.py")
 

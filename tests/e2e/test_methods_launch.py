@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 from test_launch import _tensorboard_tags
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -29,12 +28,6 @@ def shortened(name: str) -> dict:
     elif section["method"] == "adalora":
         section["adalora"].update(tinit=2, tfinal=2, delta_t=2)
     return cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name: str = "run", steps: int = 10):

@@ -8,8 +8,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, subprocess_env
-from test_methods_launch import free_port
+from helpers import PYTHON, REPO, free_port, subprocess_env
 
 SCRIPT = str(REPO / "launch" / "train_peft_adalora.py")
 

@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import PYTHON, REPO, subprocess_env
-from test_methods_launch import free_port
+from helpers import PYTHON, REPO, free_port, subprocess_env
 
 from ds_dynrank.zero import consolidated_state
 

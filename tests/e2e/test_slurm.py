@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, subprocess_env
+from helpers import PYTHON, REPO, error_lines, free_port, subprocess_env
 from slurm_cluster import Cluster, install_packages
 from test_launch import _tensorboard_tags
 
@@ -44,12 +43,6 @@ def cluster(packages, tmp_path_factory):
         cluster.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _l1ra_config(tmp_path) -> str:
     """zero2_l1ra.json with a strong L1 pull and events every 2 steps, so ranks move within 8 steps."""
     cfg = json.loads((REPO / "ds_configs" / "zero2_l1ra.json").read_text())
@@ -75,7 +68,7 @@ def test_sbatch_two_nodes_l1ra(cluster, tiny_model_dir, tiny_csv, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     # node names do not resolve on this machine; the script takes MASTER_ADDR from the environment when set
     env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(_free_port()))  # fmt: skip
+                         MASTER_PORT=str(free_port()))  # fmt: skip
     args = _train_args(_l1ra_config(tmp_path), tiny_model_dir, tiny_csv, out)
     job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
     fields = cluster.wait(job, timeout=240)
@@ -100,7 +93,7 @@ def test_srun_mpi_pmix_two_nodes(cluster, tiny_model_dir, tiny_csv, tmp_path):
     """launch/slurm/mpi.sbatch: `srun --mpi=pmix` across the two nodes, ranks read from SLURM's environment."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(_free_port()))  # fmt: skip
+                         MASTER_PORT=str(free_port()))  # fmt: skip
     args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, out, steps=4)
     job = cluster.submit(REPO / "launch" / "slurm" / "mpi.sbatch", args, env=env, cwd=tmp_path, output=log)
     fields = cluster.wait(job, timeout=240)
@@ -128,7 +121,7 @@ def test_deepspeed_per_node_mpirun_and_single_node_sbatch(cluster, tiny_model_di
     submitted = {}
     for name, (extra, script) in jobs.items():
         env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=str(_free_port()), **extra)  # fmt: skip
+                             MASTER_PORT=str(free_port()), **extra)  # fmt: skip
         args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, tmp_path / name, 2)
         log = tmp_path / f"{name}.out"
         submitted[name] = (cluster.submit(REPO / "launch" / "slurm" / script, args, env=env, cwd=tmp_path,
@@ -148,7 +141,7 @@ def test_deepspeed_per_node_mpirun_and_single_node_sbatch(cluster, tiny_model_di
 def test_mpirun_two_processes(packages, tiny_model_dir, tiny_csv, tmp_path):
     """`mpirun -np 2 python launch/train.py`: ranks from OMPI_COMM_WORLD_*, rendezvous on loopback."""
     out = tmp_path / "run"
-    env = subprocess_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", MASTER_PORT=str(_free_port()))
+    env = subprocess_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", MASTER_PORT=str(free_port()))
     args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, out, steps=4)
     cmd = ["mpirun", "-np", "2", "--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo",
            "-x", "PYTHONPATH", "-x", "MASTER_PORT", "-x", "DS_ACCELERATOR", "-x", "GLOO_SOCKET_IFNAME",
@@ -181,6 +174,6 @@ def test_inconsistent_launch_fails_fast(case, tiny_model_dir, tiny_csv, tmp_path
     args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, tmp_path / "out")
     result = subprocess.run([PYTHON, TRAIN, *args], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1 and re.match(pattern, errors[0]), result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
