@@ -3,13 +3,16 @@
     deepspeed --num_gpus 2 launch/bench.py --deepspeed ds_configs/zero2.json --steps 30
 
 Prints, for each variant, ratios against LoRA measured in this run: whole-run time per optimizer step (events
-included), one re-allocation event's cost in LoRA steps, and adapter + optimizer bytes before and after training.
+included), one re-allocation event's cost in LoRA steps, adapter + optimizer bytes before and after training,
+bytes handed to collectives per event (and per ordinary step, by the method's own hooks), and resident memory
+before, after and at its peak (device memory too on an accelerator).
 Writes the numbers to --out (JSON). Timings are never asserted anywhere: they are for reading.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -67,6 +70,38 @@ def adapter_bytes(model) -> int:
     return working + 3 * 4 * sum(full_numel(t) for t in tensors if isinstance(t, torch.nn.Parameter))
 
 
+def host_memory() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process: /proc's VmRSS and VmHWM, where Linux has them."""
+    import psutil
+
+    fields = {}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    rss = fields.get("VmRSS", psutil.Process().memory_info().rss)
+    return rss, fields.get("VmHWM", rss)
+
+
+def reset_peak_memory() -> None:
+    """Start a fresh peak for the next variant: Linux resets VmHWM on "5" to clear_refs; the accelerator its own."""
+    from deepspeed.accelerator import get_accelerator
+
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then spans the whole process
+        Path("/proc/self/clear_refs").write_text("5")
+    get_accelerator().reset_peak_memory_stats()
+
+
+def device_peak() -> int | None:
+    """Peak device memory since the last reset, on an accelerator (the host numbers cover the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return None if accelerator.device_name() == "cpu" else int(accelerator.max_memory_allocated())
+
+
 def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict) -> dict:
     import deepspeed
     import torch
@@ -89,8 +124,10 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict
     dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps + args.warmup, ds_config=ds_config,
                       validation=validation)  # fmt: skip
     bytes_before = adapter_bytes(model)
+    reset_peak_memory()  # the peak from here on: training and events, not loading
+    rss_before, _ = host_memory()
     del engine
-    step_times = []
+    step_times, event_comm, step_comm = [], [], []
     bar = tqdm(total=args.steps + args.warmup, desc=name, disable=not dist.is_main(), dynamic_ncols=True)
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
@@ -100,13 +137,18 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
         engine.backward(loss)
         engine.step()
-        dynrank.after_step()
+        events_so_far = len(dynrank.history)
+        with dist.counting_bytes() as sent:
+            dynrank.after_step()
+        (event_comm if len(dynrank.history) > events_so_far else step_comm).append(sent.bytes)
         dist.barrier()
         if i >= args.warmup:
             step_times.append(time.perf_counter() - start)
         bar.update(1)
     bar.close()
     events = dynrank.history[1:]
+    rss_after, peak_rss = host_memory()
+    peak_rss = max(peak_rss, rss_before, rss_after)  # the kernel updates VmHWM lazily: a few pages can be missing
     result = {
         "variant": name,
         "steps": len(step_times),
@@ -116,6 +158,12 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict
         "slots_changed": sum(e["slots_changed"] for e in events),
         "bytes_before": bytes_before,
         "bytes_after": adapter_bytes(dynrank.engine.module),
+        "event_comm_bytes": sum(event_comm) / len(event_comm) if event_comm else 0.0,
+        "step_comm_bytes": sum(step_comm) / len(step_comm) if step_comm else 0.0,
+        "rss_before": rss_before,
+        "rss_after": rss_after,
+        "peak_rss": peak_rss,
+        "device_peak": device_peak(),
         "budget": dynrank.budget_in_use(),
         "trainable_parameters": dynrank.trainable_parameters(),
         "final_loss": float(loss.item()),
@@ -178,9 +226,18 @@ def main() -> int:
             r["step_time_ratio"] = r["seconds_per_step"] / lora["seconds_per_step"]
             r["event_cost_steps"] = r["event_seconds"] / lora["seconds_per_step"]
             r["bytes_ratio"] = r["bytes_after"] / lora["bytes_after"]
+            r["peak_rss_ratio"] = r["peak_rss"] / lora["peak_rss"]
             print(f"{r['variant']:<18} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} {r['events']:>6} "
                   f"{r['event_cost_steps']:>18.2f} {r['slots_changed']:>11} {r['bytes_before']:>13,} "
                   f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f} {r['trainable_parameters']:>10,}")  # fmt: skip
+        mib = 2**20
+        print(f"\n{'variant':<18} {'comm/event (B)':>15} {'comm/step (B)':>14} {'RSS before (MiB)':>16} "
+              f"{'RSS after':>10} {'peak RSS':>9} {'x LoRA':>7} {'device peak (MiB)':>17}")  # fmt: skip
+        for r in results:
+            device = "-" if r["device_peak"] is None else f"{r['device_peak'] / mib:.0f}"
+            print(f"{r['variant']:<18} {r['event_comm_bytes']:>15,.0f} {r['step_comm_bytes']:>14,.0f} "
+                  f"{r['rss_before'] / mib:>16.0f} {r['rss_after'] / mib:>10.0f} {r['peak_rss'] / mib:>9.0f} "
+                  f"{r['peak_rss_ratio']:>7.2f} {device:>17}")  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
         print(f"\nwritten to {args.out}")

@@ -24,8 +24,13 @@ def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
     assert results["lora"]["step_time_ratio"] == 1.0 and results["lora"]["events"] == 0
     for name, r in results.items():
         assert r["seconds_per_step"] > 0 and r["step_time_ratio"] > 0, name
+        assert 0 < r["rss_before"] <= r["peak_rss"] and r["rss_after"] <= r["peak_rss"], name
         if name != "lora":
             assert r["events"] >= 1, name
+            assert r["event_comm_bytes"] > 0, name  # at least the scores' all-reduce and the plan's broadcast
+    assert results["lora"]["event_comm_bytes"] == 0 and results["lora"]["step_comm_bytes"] == 0
+    # the AdaLoRA-style scorer reduces its gradients every step; module allocation its M activation scores
+    assert results["adalora-masked"]["step_comm_bytes"] > 0 and results["modalloc-masked"]["step_comm_bytes"] > 0
     # physical module allocation: inactive adapters hold no master and no Adam state
     assert results["modalloc-physical"]["bytes_after"] < results["modalloc-masked"]["bytes_after"]
     assert results["modalloc-masked"]["trainable_parameters"] < results["lora"]["trainable_parameters"]

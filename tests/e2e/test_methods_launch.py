@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import REPO, free_port, subprocess_env
@@ -34,7 +35,8 @@ def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / out_name
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--deepspeed", str(path),
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN, "--deepspeed", str(path),
            "--model", str(tiny_model_dir),
            "--dataset", str(tiny_csv), "--max_steps", str(steps), "--eval_interval", "0", "--eval_samples", "16",
            "--output_dir", str(out), *extra]  # fmt: skip
@@ -42,6 +44,8 @@ def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name:
     assert result.returncode == 0, result.stderr[-5000:]
     checksums = set(re.findall(r"allocation checksum (\w+) \(rank \d\)", result.stdout))
     assert len(checksums) == 1, result.stdout[-2000:]  # both ranks printed, and they agree
+    # DeepSpeed's CPU all-reduce buffers (67 MB a rank) are not left behind in /dev/shm (dist._unlink_shm_buffer)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return out, result
 
 
