@@ -102,6 +102,15 @@ def type_ranks(run_dir: Path) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in totals.items()}
 
 
+def type_active_share(run_dir: Path) -> dict[str, float]:
+    """% of module-events each module type trained (module allocation), from allocation_history.json."""
+    from ds_dynrank.report import type_activity
+
+    path = run_dir / "allocation_history.json"
+    shares = type_activity(json.loads(path.read_text())) if path.is_file() else None
+    return {t: share for t, (_, _, share) in (shares or {}).items()}
+
+
 def summarise(args, results: dict) -> dict:
     """mean ± std per task and method, and the targets against LoRA and PEFT's AdaLoRA."""
     table = {}
@@ -114,6 +123,8 @@ def summarise(args, results: dict) -> dict:
             dirs = [Path(args.out) / label(task) / method / f"seed{s}" for s, r in runs.items() if r]
             per_type = [type_ranks(d) for d in dirs]
             types = sorted({t for p in per_type for t in p})
+            active = [type_active_share(d) for d in dirs]
+            active_types = sorted({t for a in active for t in a})
             table[label(task)][method] = {
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -121,6 +132,7 @@ def summarise(args, results: dict) -> dict:
                 "trainable_parameters": next(r["trainable_parameters"] for r in runs.values() if r),
                 "final_budget": next(r.get("final_budget") for r in runs.values() if r),
                 "rank_by_type": {t: statistics.fmean(p.get(t, 0) for p in per_type) for t in types},
+                "active_share_by_type": {t: statistics.fmean(a.get(t, 0) for a in active) for t in active_types},
             }
     return table
 
@@ -167,6 +179,13 @@ def write_outputs(args, table: dict) -> None:
                       "|---|" + "---|" * len(types)]  # fmt: skip
             for method, r in rows.items():
                 lines.append(f"| {method} | " + " | ".join(f"{r['rank_by_type'].get(t, 0):.1f}" for t in types) + " |")
+        active = {m: r["active_share_by_type"] for m, r in rows.items() if r.get("active_share_by_type")}
+        if active:
+            types = sorted({t for a in active.values() for t in a})
+            lines += ["", "Module allocation: % of module-events each type trained:", "",
+                      "| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]  # fmt: skip
+            for method, a in active.items():
+                lines.append(f"| {method} | " + " | ".join(f"{a.get(t, 0):.0f}" for t in types) + " |")
         lines += ["", "Targets:", "", *(f"- {t}" for t in targets(rows)), ""]
     (out / "quality.md").write_text("\n".join(lines))
     plot(out / "quality.png", table)

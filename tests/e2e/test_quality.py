@@ -22,6 +22,8 @@ def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_pat
     table = json.loads((out / "quality.json").read_text())["table"][tiny_csv.stem]
     assert set(table) == {"lora", "modalloc-uniform", "peft-adalora"}
     assert all(row["seeds"] == 1 and 0 <= row["mean"] <= 100 for row in table.values())
+    shares = table["modalloc-uniform"]["active_share_by_type"]  # which module types module allocation trained
+    assert shares and all(0 <= v <= 100 for v in shares.values()) and not table["lora"]["active_share_by_type"]
     assert (out / tiny_csv.stem / "lora" / "seed0" / "report" / "summary.md").is_file()
     text = (out / "quality.md").read_text()
     assert "± " in text and "Targets:" in text and "PEFT AdaLoRA" in text
