@@ -130,6 +130,9 @@ def summarise(args, results: dict) -> dict:
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "seeds": len(values),
                 "trainable_parameters": next(r["trainable_parameters"] for r in runs.values() if r),
+                "active_parameters": statistics.fmean(
+                    r.get("trainable_parameters_active", r["trainable_parameters"]) for r in runs.values() if r
+                ),
                 "final_budget": next(r.get("final_budget") for r in runs.values() if r),
                 "rank_by_type": {t: statistics.fmean(p.get(t, 0) for p in per_type) for t in types},
                 "active_share_by_type": {t: statistics.fmean(a.get(t, 0) for a in active) for t in active_types},
@@ -168,11 +171,13 @@ def write_outputs(args, table: dict) -> None:
     setup = f"Steps {args.max_steps}, seeds {args.seeds}, {args.nproc} processes."
     lines = ["# Quality benchmark", "", setup, ""]
     for task, rows in table.items():
-        header = "| method | accuracy (%) mean ± std | seeds | trainable params | final rank budget |"
-        lines += [f"## {task}", "", header, "|---|---|---|---|---|"]
+        header = ("| method | accuracy (%) mean ± std | seeds | adapter params allocated | params training at the "
+                  "end | final rank budget |")  # fmt: skip
+        lines += [f"## {task}", "", header, "|---|---|---|---|---|---|"]
         for method, r in rows.items():
-            lines.append(f"| {method} | {r['mean']:.2f} ± {r['std']:.2f} | {r['seeds']} | "
-                         f"{r['trainable_parameters']:,} | {r['final_budget']} |")  # fmt: skip
+            cells = [f"{r['mean']:.2f} ± {r['std']:.2f}", r["seeds"], f"{r['trainable_parameters']:,}",
+                     f"{r['active_parameters']:,.0f}", r["final_budget"]]  # fmt: skip
+            lines.append(f"| {method} | " + " | ".join(str(c) for c in cells) + " |")
         types = sorted({t for r in rows.values() for t in r["rank_by_type"]})
         if types:
             lines += ["", "Mean final rank per module type:", "", "| method | " + " | ".join(types) + " |",
