@@ -121,8 +121,7 @@ def train(args) -> dict:
     final = run_eval()
     history.append({"step": engine.global_steps, **final})
     pattern = peft_cfg.rank_pattern or {}
-    ranks = {name.removeprefix("base_model.model.").removesuffix(".lora_E"): int(sum(mask))
-             for name, mask in pattern.items()}  # fmt: skip
+    ranks = {module_name(name): int(sum(mask)) for name, mask in pattern.items()}
     metrics = {
         "metric": "accuracy", "value": final["accuracy"], "baseline_value": baseline["accuracy"],
         "eval_loss": final["eval_loss"], "eval_examples": len(task.eval), "steps": engine.global_steps,
@@ -139,6 +138,12 @@ def train(args) -> dict:
               f"outputs in {output_dir}")  # fmt: skip
     dist.barrier()
     return metrics
+
+
+def module_name(pattern_key: str) -> str:
+    """PEFT's rank_pattern key ("base_model.model.<module>.lora_E.<adapter>") as the module name our runs use."""
+    name = pattern_key.removeprefix("base_model.model.")
+    return name[: name.index(".lora_E")] if ".lora_E" in name else name
 
 
 def main(argv: list[str] | None = None) -> int:

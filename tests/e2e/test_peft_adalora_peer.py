@@ -28,7 +28,7 @@ def test_peft_adalora_reaches_its_target_budget(tiny_model_dir, tiny_csv, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     ranks = json.loads((out / "allocation.json").read_text())
     assert metrics["method"] == "peft-adalora" and metrics["steps"] == 10
-    assert len(ranks) == 14 and all(name.startswith("model.layers.") for name in ranks)
+    assert len(ranks) == 14 and all(name.startswith("model.layers.") and name.endswith("_proj") for name in ranks)
     assert metrics["final_budget"] == sum(ranks.values()) == 14 * 3
     assert len(set(ranks.values())) > 1  # PEFT moved rank between modules
 
