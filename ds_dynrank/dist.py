@@ -99,28 +99,32 @@ def init(timeout_s: float = 600.0) -> None:
     os.environ.update(launch_env(os.environ))
     if "WORLD_SIZE" not in os.environ and not _other_mpi(os.environ):
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     # other MPIs (MPICH, Intel MPI): DeepSpeed's own mpi4py discovery (auto_mpi_discovery, the default)
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     _unlink_shm_buffer()
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU shared-memory all-reduce buffer of `rank` lives (ops/csrc/cpu/comm/shm.cpp names it after
+    the user and the rendezvous address, as the environment gives it)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
 def _unlink_shm_buffer() -> None:
     """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
 
-    DeepSpeed (0.19.8, ops/csrc/cpu/comm/shm.cpp) creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
-    <rank> (67 MB) at init and never unlinks it, so every CPU run leaks it: 19 GB of /dev/shm after a day of runs
-    here, until the OOM killer stopped one. The mappings outlive the name, so the buffer works on and the memory
-    goes back when the processes exit. Nothing to do where the buffer is not used (GPUs, ranks on several hosts).
+    DeepSpeed (0.19.8) creates it (67 MB) at init and never unlinks it, so every CPU run leaks it: 19 GB of /dev/shm
+    after a day of runs here, until the OOM killer stopped one. The mappings outlive the name, so the buffer works on
+    and the memory goes back when the processes exit. Nothing to do where the buffer is not used (GPUs, ranks on
+    several hosts).
     """
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" + (
-        f"{os.environ.get('MASTER_PORT', '')}_{rank()}"
-    )
     if world_size() == 1:
         return
     barrier()  # past it, every rank has opened every other rank's buffer
     with suppress(FileNotFoundError):
-        (Path("/dev/shm") / name).unlink()
+        shm_buffer_path(rank()).unlink()
 
 
 def _other_mpi(env: Mapping[str, str]) -> bool:
@@ -128,7 +132,8 @@ def _other_mpi(env: Mapping[str, str]) -> bool:
     return int(env.get("PMI_SIZE", "1")) > 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now (a rendezvous port for a run we start ourselves)."""
     import socket
 
     with socket.socket() as s:

@@ -81,7 +81,7 @@ def host_memory() -> tuple[int, int]:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0]) * 1024
-    rss = fields.get("VmRSS", psutil.Process().memory_info().rss)
+    rss = fields["VmRSS"] if "VmRSS" in fields else psutil.Process().memory_info().rss
     return rss, fields.get("VmHWM", rss)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TASKS = {"mr": "mr-polarity", "wiki-uncertainty": "wiki-uncertainty"}
+from ds_dynrank.dist import free_port  # noqa: E402
 from ds_dynrank.strategies import STRATEGIES  # noqa: E402
 
 METHODS = ("lora", "l1ra", "alora", *(f"modalloc-{s}" for s in STRATEGIES), "adalora", "peft-adalora")
@@ -49,12 +49,6 @@ def method_config(method: str, max_steps: int) -> tuple[str, dict]:
         section["schedule"] = {"kind": "periodic", "interval": every}
         section["modalloc"] = {"score": "activation", "strategy": method.split("-", 1)[1]}
     return "train.py", cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def label(task: str) -> str:
@@ -117,23 +111,25 @@ def summarise(args, results: dict) -> dict:
     for task, by_method in results.items():
         table[label(task)] = {}
         for method, runs in by_method.items():
-            values = [100 * r["value"] for r in runs.values() if r]
-            if not values:
+            done = {seed: r for seed, r in runs.items() if r}  # failed runs are None
+            if not done:
                 continue
-            dirs = [Path(args.out) / label(task) / method / f"seed{s}" for s, r in runs.items() if r]
+            values = [100 * r["value"] for r in done.values()]
+            dirs = [Path(args.out) / label(task) / method / f"seed{s}" for s in done]
             per_type = [type_ranks(d) for d in dirs]
             types = sorted({t for p in per_type for t in p})
             active = [type_active_share(d) for d in dirs]
             active_types = sorted({t for a in active for t in a})
+            first = next(iter(done.values()))
             table[label(task)][method] = {
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "seeds": len(values),
-                "trainable_parameters": next(r["trainable_parameters"] for r in runs.values() if r),
+                "trainable_parameters": first["trainable_parameters"],
                 "active_parameters": statistics.fmean(
-                    r.get("trainable_parameters_active", r["trainable_parameters"]) for r in runs.values() if r
+                    r.get("trainable_parameters_active", r["trainable_parameters"]) for r in done.values()
                 ),
-                "final_budget": next(r.get("final_budget") for r in runs.values() if r),
+                "final_budget": first.get("final_budget"),
                 "rank_by_type": {t: statistics.fmean(p.get(t, 0) for p in per_type) for t in types},
                 "active_share_by_type": {t: statistics.fmean(a.get(t, 0) for a in active) for t in active_types},
             }

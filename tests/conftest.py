@@ -41,10 +41,11 @@ def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
     try:
         fn(rank, world_size, *args)
     finally:
-        # DeepSpeed's CPU all-reduce buffer of this rank, named after the (here unset) rendezvous address: every
-        # peer mapped it at init, so its name can go (launched runs do this in ds_dynrank.dist.init)
-        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-        Path("/dev/shm", f"{name}{os.environ.get('MASTER_PORT', '')}_{rank}").unlink(missing_ok=True)
+        # DeepSpeed's CPU all-reduce buffer of this rank: every peer mapped it at init, so its name can go (launched
+        # runs do this in ds_dynrank.dist.init; no barrier here, a failed peer must not hang the others)
+        from ds_dynrank.dist import shm_buffer_path
+
+        shm_buffer_path(rank).unlink(missing_ok=True)
         dist.destroy_process_group()
 
 

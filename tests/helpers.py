@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import os
 import random
-import socket
 import sys
 from pathlib import Path
 
 import torch
+
+from ds_dynrank.dist import free_port  # noqa: F401 - the tests' rendezvous and SLURM daemon ports
 
 REPO = Path(__file__).resolve().parent.parent
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "charming", "funny"]
@@ -163,13 +164,6 @@ def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2
         dynrank.after_step()
         losses.append(loss.item())
     return losses
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for launchers' rendezvous and the test SLURM cluster's daemons)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def error_lines(text: str) -> list[str]:
