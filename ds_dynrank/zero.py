@@ -7,7 +7,8 @@ parameters in the same order (we always iterate in `iter_lora` order over a broa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -277,7 +278,8 @@ def reinitialize(module: nn.Module, groups: list[dict], ds_config: dict, carry: 
     import deepspeed
 
     config = {**ds_config, "tensorboard": {"enabled": False}}
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
+    with _broadcasting_trainable_only():
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
     engine.monitor = carry.monitor
     for key, value in carry.counters.items():
         setattr(engine, key, value)
@@ -288,6 +290,37 @@ def reinitialize(module: nn.Module, groups: list[dict], ds_config: dict, carry: 
     _prime_adam_state(engine, carry.adam_step)
     restore(engine)
     return engine
+
+
+@contextmanager
+def _broadcasting_trainable_only() -> Iterator[None]:
+    """`deepspeed.initialize` broadcasts every replicated parameter from rank 0 (`_broadcast_model`): at a rebuild
+    that is the whole frozen base model again (hundreds of MB per event for a 135M model), though the first
+    initialize already made it identical and nothing has written it since. Inside this block a new engine
+    broadcasts only its trainable parameters, the ones the rebuild created. MoE models keep DeepSpeed's own."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import groups
+
+    original = DeepSpeedEngine.__dict__.get("_broadcast_model")
+    if original is None:  # a DeepSpeed without it: nothing to narrow
+        yield
+        return
+
+    def broadcast_trainable(engine) -> None:
+        if engine.dist_backend is None or engine.has_moe_layers:
+            return original(engine)
+        for p in engine.module.parameters():
+            partitioned = getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) is not ZeroParamStatus.AVAILABLE
+            if p.requires_grad and not partitioned:
+                src = groups._get_broadcast_src_rank()  # bytes, like DeepSpeed: any dtype on any backend
+                dist.broadcast(p.data.view(torch.uint8), src=src, group=engine.seq_data_parallel_group)
+
+    DeepSpeedEngine._broadcast_model = broadcast_trainable
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
 
 
 def _prime_adam_state(engine, step) -> None:

@@ -1,6 +1,6 @@
 """launch/quality.py, the quality benchmark's one command, on the tiny model: it runs each method (PEFT's AdaLoRA
-included) per seed, writes reports, tables with mean ± std and the targets, and a plot; a second call reuses
-finished runs."""
+included) per seed, writes reports, tables (mean ± std, per seed, paired to LoRA, the targets) and a plot; a
+second call reuses finished runs, and --summarise_only tabulates without starting any."""
 
 from __future__ import annotations
 
@@ -28,5 +28,15 @@ def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_pat
     text = (out / "quality.md").read_text()
     assert "± " in text and "Targets:" in text and "PEFT AdaLoRA" in text
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table["lora"]["paired_to_lora"] is None and table["peft-adalora"]["paired_to_lora"] == pytest.approx(
+        table["peft-adalora"]["mean"] - table["lora"]["mean"]
+    )
     again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "seed 0" not in again.stdout  # every run reused
+    summary = [*cmd[: cmd.index("--seeds")], "--seeds", "0,1", *cmd[cmd.index("--seeds") + 2 :], "--summarise_only"]
+    tabled = subprocess.run(summary, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert tabled.returncode == 0 and "seed 1" not in tabled.stdout, tabled.stdout[-2000:]  # nothing started
+    assert not (out / tiny_csv.stem / "lora" / "seed1").exists()
+    table = json.loads((out / "quality.json").read_text())["table"][tiny_csv.stem]
+    assert all(row["seeds"] == 1 and list(row["by_seed"]) == ["0"] for row in table.values())
+    assert "paired Δ to LoRA" in (out / "quality.md").read_text()

@@ -1,7 +1,8 @@
 """The physical backend under ZeRO 0-3, 2 real processes: shapes really change. Surviving slots carry their fp32
 values and both Adam moments bit for bit into the rebuilt engine, born slots are seeded with B = 0, gate 1 and
-zero moments, the function is preserved, the trainable parameter count is what the new ranks imply, and ten
-rebuilds leak no engine and no memory. (Identity events: test_identity_events.py.)"""
+zero moments, the function is preserved, the trainable parameter count is what the new ranks imply, the rebuild
+does not send the frozen base model again, and ten rebuilds leak no engine and no memory. (Identity events:
+test_identity_events.py.)"""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def states(dynrank) -> dict:
 
 
 def _event_worker(rank: int, world: int, out_dir: Path) -> None:
+    from ds_dynrank import dist
     from ds_dynrank.lora import lora_parameters
     from ds_dynrank.reshape import slot_generator
     from ds_dynrank.zero import full_numel
@@ -50,7 +52,11 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
         with torch.no_grad():
             before_logits = dynrank.engine(input_ids=probe).logits.clone()
         before, old_engine = states(dynrank), dynrank.engine
-        dynrank.reallocate(plan)
+        frozen_bytes = sum(full_numel(p) * p.element_size() for p in dynrank.engine.module.parameters()
+                           if not p.requires_grad)  # fmt: skip
+        with dist.counting_bytes() as sent:
+            dynrank.reallocate(plan)
+        assert 0 < sent.bytes < frozen_bytes, (stage, sent.bytes, frozen_bytes)  # the base model is not re-sent
         assert dynrank.engine is not old_engine
         del old_engine
         after = states(dynrank)
