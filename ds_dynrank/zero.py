@@ -310,10 +310,10 @@ def _broadcasting_trainable_only() -> Iterator[None]:
     def broadcast_trainable(engine) -> None:
         if engine.dist_backend is None or engine.has_moe_layers:
             return original(engine)
+        src = groups._get_broadcast_src_rank()
         for p in engine.module.parameters():
             partitioned = getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) is not ZeroParamStatus.AVAILABLE
-            if p.requires_grad and not partitioned:
-                src = groups._get_broadcast_src_rank()  # bytes, like DeepSpeed: any dtype on any backend
+            if p.requires_grad and not partitioned:  # as bytes, like DeepSpeed: any dtype on any backend
                 dist.broadcast(p.data.view(torch.uint8), src=src, group=engine.seq_data_parallel_group)
 
     DeepSpeedEngine._broadcast_model = broadcast_trainable

@@ -112,6 +112,7 @@ def summarise(args, results: dict) -> dict:
     table = {}
     for task, by_method in results.items():
         table[label(task)] = {}
+        lora = {seed: r for seed, r in by_method.get("lora", {}).items() if r}
         for method, runs in by_method.items():
             done = {seed: r for seed, r in runs.items() if r}  # failed runs are None
             if not done:
@@ -123,7 +124,6 @@ def summarise(args, results: dict) -> dict:
             active = [type_active_share(d) for d in dirs]
             active_types = sorted({t for a in active for t in a})
             first = next(iter(done.values()))
-            lora = {seed: r for seed, r in by_method.get("lora", {}).items() if r}
             paired = [100 * (r["value"] - lora[seed]["value"]) for seed, r in done.items() if seed in lora]
             table[label(task)][method] = {
                 "mean": statistics.fmean(values),
@@ -240,10 +240,8 @@ def main() -> int:
     }
     write_outputs(args, summarise(args, results))
     print(f"[quality] written {Path(args.out) / 'quality.md'}")
-    failed = (
-        0 if args.summarise_only else sum(r is None for t in results.values() for m in t.values() for r in m.values())
-    )
-    return 1 if failed else 0
+    failed = any(r is None for t in results.values() for m in t.values() for r in m.values())
+    return 1 if failed and not args.summarise_only else 0
 
 
 if __name__ == "__main__":
