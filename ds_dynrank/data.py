@@ -17,6 +17,8 @@ from ds_dynrank.errors import UserInputError
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_DATASET_TEMPLATE = "Review: {text}\nSentiment:"
+EVAL_FRACTION = 0.25  # of a table without its own test split, held out at SPLIT_SEED
+SPLIT_SEED = 0
 UNCERTAINTY_TEMPLATE = "Sentence: {text}\nIs this statement certain or uncertain? Answer:"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE = -100
@@ -62,6 +64,13 @@ def load_table(name_or_path: str | None):
         raise UserInputError(f"--dataset: could not load {name_or_path!r}: {first}") from None
 
 
+def task_template(dataset: str | None) -> str:
+    """The prompt a dataset gets when --prompt_template is not given: the built-in tasks have their own."""
+    if dataset in (None, "", "default", assets.DEFAULT_DATASET):
+        return DEFAULT_DATASET_TEMPLATE
+    return {assets.UNCERTAINTY_DATASET: UNCERTAINTY_TEMPLATE}.get(dataset, DEFAULT_TEMPLATE)
+
+
 def split_table(table, *, eval_fraction: float, split_seed: int):
     """(train, eval) splits: the table's own test/validation split if it has one, else a fixed-seed split."""
     train_name = "train" if "train" in table else next(iter(table))
@@ -102,14 +111,12 @@ def build_task(
     label_column: str = "label",
     template: str | None = None,
     max_length: int = 96,
-    eval_fraction: float = 0.25,
+    eval_fraction: float = EVAL_FRACTION,
     max_eval_samples: int | None = None,
-    split_seed: int = 0,
+    split_seed: int = SPLIT_SEED,
 ) -> TaskData:
     """Load, check and tokenise. Every problem is a UserInputError raised before any training."""
-    is_default = dataset in (None, "", "default", assets.DEFAULT_DATASET)
-    builtin = {assets.UNCERTAINTY_DATASET: UNCERTAINTY_TEMPLATE}.get(dataset)
-    template = template or (DEFAULT_DATASET_TEMPLATE if is_default else builtin or DEFAULT_TEMPLATE)
+    template = template or task_template(dataset)
     if template.count("{text}") != 1:
         raise UserInputError("--prompt_template: must contain the placeholder {text} once")
     train, held_out = split_table(load_table(dataset), eval_fraction=eval_fraction, split_seed=split_seed)

@@ -9,6 +9,13 @@ DeepSpeed launcher. Budgets: LoRA, L1RA, ALoRA and module allocation hold r=8 on
 (ours and PEFT's) starts at r=12 and ends at target_r=8. Event schedules are scaled to --max_steps. Writes
 `quality.json`, `quality.md` (mean ± std per task and method, rank distribution per module type, the targets),
 `quality.png`, and each run's `report/`.
+
+A method may carry overrides of its own config section, `+`-separated, e.g. `l1ra+l1_lambda=0.05`; with
+`--validation` every run trains and scores inside the task's training split (a fixed quarter of it held out), so
+settings are chosen without reading the test sentences:
+
+    python launch/quality.py --out runs/l1ra_sweep --validation --tasks mr --seeds 0 \
+        --methods lora,l1ra+l1_lambda=0.5,l1ra+l1_lambda=0.05,l1ra+l1_lambda=0.005
 """
 
 from __future__ import annotations
@@ -31,8 +38,41 @@ from ds_dynrank.strategies import STRATEGIES  # noqa: E402
 METHODS = ("lora", "l1ra", "alora", *(f"modalloc-{s}" for s in STRATEGIES), "adalora", "peft-adalora")
 
 
-def method_config(method: str, max_steps: int) -> tuple[str, dict]:
-    """(script, DeepSpeed config) of one method, at the shared budget, its events scaled to the run."""
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'l1ra+l1_lambda=0.05' -> ('l1ra', {'l1_lambda': 0.05}): a method and overrides of its own config section."""
+    base, *pairs = spec.split("+")
+    if base not in METHODS:
+        raise ValueError(f"--methods: unknown {base!r} (known: {', '.join(METHODS)})")
+    if pairs and base in ("lora", "peft-adalora"):
+        raise ValueError(f"--methods: {spec!r}: {base} has no method section to override")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--methods: {spec!r}: expected method+key=value, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string, e.g. strategy=topk
+    return base, overrides
+
+
+def method_config(spec: str, max_steps: int) -> tuple[str, dict]:
+    """(script, DeepSpeed config) of one method, at the shared budget, its events scaled to the run, overrides
+    applied last and the result validated as the job would validate it."""
+    from ds_dynrank.config import from_ds_config
+
+    base, overrides = parse_method(spec)
+    script, cfg = base_config(base, max_steps)
+    if overrides:
+        sub = "modalloc" if base.startswith("modalloc-") else base
+        cfg["dynrank"].setdefault(sub, {}).update(overrides)
+        from_ds_config(cfg)  # a bad key or value is a UserInputError naming the field, before any run starts
+    return script, cfg
+
+
+def base_config(method: str, max_steps: int) -> tuple[str, dict]:
+    """(script, DeepSpeed config) of one method as the benchmark runs it, before overrides."""
     every = max(1, max_steps // 6)
     if method == "peft-adalora":
         cfg = json.loads((REPO / "ds_configs" / "zero0_peft_adalora.json").read_text())
@@ -56,6 +96,22 @@ def label(task: str) -> str:
     return task if task in TASKS else Path(task).stem
 
 
+def validation_task(out: Path, task: str) -> tuple[str, str]:
+    """(CSV path, prompt) of the task's training split alone: a run on it holds out a fixed quarter of the training
+    sentences and never reads the test split. The prompt stays the original task's."""
+    from ds_dynrank.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table, task_template
+
+    dataset = TASKS.get(task, task)
+    path = out / "validation" / f"{label(task)}-validation.csv"
+    if not path.is_file():
+        train, _ = split_table(load_table(dataset), eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        train.to_csv(str(partial), index=False)
+        os.replace(partial, path)  # a killed run leaves no half-written table to be reused
+    return str(path), task_template(dataset)
+
+
 def run_one(args, task: str, method: str, seed: int) -> dict | None:
     out = Path(args.out) / label(task) / method / f"seed{seed}"
     if (out / "metrics.json").is_file():
@@ -72,6 +128,8 @@ def run_one(args, task: str, method: str, seed: int) -> dict | None:
            "--eval_samples", str(args.eval_samples), "--output_dir", str(out)]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model]
+    if task in args.templates:
+        cmd += ["--prompt_template", args.templates[task]]
     print(f"[quality] {task} {method} seed {seed}", flush=True)
     log = out.parent / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -228,16 +286,21 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--summarise_only", action="store_true", help="tabulate the finished runs; start none")
+    p.add_argument("--validation", action="store_true", help="train and score inside each task's training split")
     args = p.parse_args()
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        print(f"error: --methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})", file=sys.stderr)
+    try:
+        for spec in methods:
+            method_config(spec, args.max_steps)
+    except ValueError as err:  # UserInputError included: which method, which field
+        print(f"error: {err}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {
-        task: {m: {s: run_one(args, task, m, s) for s in seeds} for m in methods} for task in args.tasks.split(",")
-    }
+    tasks, args.templates = args.tasks.split(","), {}
+    if args.validation:
+        args.templates = dict(validation_task(Path(args.out), task) for task in tasks)
+        tasks = list(args.templates)
+    results = {task: {m: {s: run_one(args, task, m, s) for s in seeds} for m in methods} for task in tasks}
     write_outputs(args, summarise(args, results))
     print(f"[quality] written {Path(args.out) / 'quality.md'}")
     failed = any(r is None for t in results.values() for m in t.values() for r in m.values())

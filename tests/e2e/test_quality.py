@@ -40,3 +40,41 @@ def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_pat
     table = json.loads((out / "quality.json").read_text())["table"][tiny_csv.stem]
     assert all(row["seeds"] == 1 and list(row["by_seed"]) == ["0"] for row in table.values())
     assert "paired Δ to LoRA" in (out / "quality.md").read_text()
+
+
+@pytest.mark.e2e
+def test_quality_validation_sweep_never_reads_the_test_split(tiny_model_dir, tiny_csv, tmp_path):
+    """--validation trains and scores inside the training split; a method's overrides reach its config section."""
+    from ds_dynrank.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
+
+    out = tmp_path / "sweep"
+    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(out), "--tasks", str(tiny_csv), "--validation",
+           "--methods", "l1ra+l1_lambda=0.05+gate_lr=0.2", "--seeds", "0", "--max_steps", "4", "--eval_samples", "0",
+           "--model", str(tiny_model_dir)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    name = f"{tiny_csv.stem}-validation"
+    config = json.loads((out / "configs" / "l1ra+l1_lambda=0.05+gate_lr=0.2.json").read_text())["dynrank"]["l1ra"]
+    assert config["l1_lambda"] == 0.05 and config["gate_lr"] == 0.2
+    train, test = split_table(load_table(str(tiny_csv)), eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
+    carved_table = load_table(str(out / "validation" / f"{name}.csv"))
+    carved = carved_table["train"]
+    assert sorted(carved["text"]) == sorted(train["text"])  # the training rows, so none of the test rows
+    assert len(carved) + len(test) == len(load_table(str(tiny_csv))["train"])
+    metrics = json.loads((out / name / "l1ra+l1_lambda=0.05+gate_lr=0.2" / "seed0" / "metrics.json").read_text())
+    _, validation = split_table(carved_table, eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
+    assert metrics["eval_examples"] == len(validation)
+    assert metrics["eval_examples"] < len(train)
+    assert name in json.loads((out / "quality.json").read_text())["table"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [("l1ra+l1_lambdaa=0.1", ["l1_lambdaa"]), ("l1ra+l1_lambda=-1", ["l1_lambda"]), ("lora+r=4", ["lora", "no method"]),
+     ("l1ra+l1_lambda", ["key=value"]), ("sora", ["unknown", "sora"])],
+)  # fmt: skip
+def test_quality_rejects_a_bad_method_override_before_any_run(spec, words, tmp_path):
+    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(tmp_path), "--methods", spec, "--seeds", "0"]
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and all(w in result.stderr for w in words), result.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
