@@ -35,7 +35,16 @@ TASKS = {"mr": "mr-polarity", "wiki-uncertainty": "wiki-uncertainty"}
 from ds_dynrank.dist import free_port  # noqa: E402
 from ds_dynrank.strategies import STRATEGIES  # noqa: E402
 
-METHODS = ("lora", "l1ra", "alora", *(f"modalloc-{s}" for s in STRATEGIES), "adalora", "peft-adalora")
+# method -> (launcher, DeepSpeed config under ds_configs/, the dynrank section its overrides go to)
+LAYOUT = {
+    "lora": ("train.py", "zero2.json", None),
+    "l1ra": ("train.py", "zero2_l1ra.json", "l1ra"),
+    "alora": ("train.py", "zero2_alora.json", "alora"),
+    **{f"modalloc-{s}": ("train.py", "zero2_modalloc.json", "modalloc") for s in STRATEGIES},
+    "adalora": ("train.py", "zero2_adalora.json", "adalora"),
+    "peft-adalora": ("train_peft_adalora.py", "zero0_peft_adalora.json", None),
+}
+METHODS = tuple(LAYOUT)
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -43,7 +52,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
     base, *pairs = spec.split("+")
     if base not in METHODS:
         raise ValueError(f"--methods: unknown {base!r} (known: {', '.join(METHODS)})")
-    if pairs and base in ("lora", "peft-adalora"):
+    if pairs and LAYOUT[base][2] is None:
         raise ValueError(f"--methods: {spec!r}: {base} has no method section to override")
     overrides = {}
     for pair in pairs:
@@ -65,21 +74,18 @@ def method_config(spec: str, max_steps: int) -> tuple[str, dict]:
     base, overrides = parse_method(spec)
     script, cfg = base_config(base, max_steps)
     if overrides:
-        sub = "modalloc" if base.startswith("modalloc-") else base
-        cfg["dynrank"].setdefault(sub, {}).update(overrides)
+        cfg["dynrank"].setdefault(LAYOUT[base][2], {}).update(overrides)
         from_ds_config(cfg)  # a bad key or value is a UserInputError naming the field, before any run starts
     return script, cfg
 
 
 def base_config(method: str, max_steps: int) -> tuple[str, dict]:
     """(script, DeepSpeed config) of one method as the benchmark runs it, before overrides."""
-    every = max(1, max_steps // 6)
-    if method == "peft-adalora":
-        cfg = json.loads((REPO / "ds_configs" / "zero0_peft_adalora.json").read_text())
-        return "train_peft_adalora.py", cfg
-    name = {"lora": "zero2.json", "l1ra": "zero2_l1ra.json", "alora": "zero2_alora.json",
-            "adalora": "zero2_adalora.json"}.get(method, "zero2_modalloc.json")  # fmt: skip
+    script, name, _ = LAYOUT[method]
     cfg = json.loads((REPO / "ds_configs" / name).read_text())
+    if method == "peft-adalora":  # its launcher builds AdaLoraConfig at our AdaLoRA budget, r 12 -> 8
+        return script, cfg
+    every = max(1, max_steps // 6)
     section = cfg["dynrank"]
     section.update(target_modules="all-linear", r=12 if method == "adalora" else 8, lora_alpha=16)
     if method == "alora":  # the paper's round, on every module: scoring cost grows with the ranks scored
@@ -88,7 +94,7 @@ def base_config(method: str, max_steps: int) -> tuple[str, dict]:
     if method.startswith("modalloc-"):
         section["schedule"] = {"kind": "periodic", "interval": every}
         section["modalloc"] = {"score": "activation", "strategy": method.split("-", 1)[1]}
-    return "train.py", cfg
+    return script, cfg
 
 
 def label(task: str) -> str:
@@ -112,13 +118,14 @@ def validation_task(out: Path, task: str) -> tuple[str, str]:
     return str(path), task_template(dataset)
 
 
-def run_one(args, task: str, method: str, seed: int) -> dict | None:
+def run_one(args, task: str, method: str, built: tuple[str, dict], seed: int) -> dict | None:
+    """One run's metrics: reused when its metrics.json exists, else trained now with `built` (script, config)."""
     out = Path(args.out) / label(task) / method / f"seed{seed}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     if args.summarise_only:
         return None
-    script, cfg = method_config(method, args.max_steps)
+    script, cfg = built
     config_path = Path(args.out) / "configs" / f"{method}.json"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(cfg, indent=2))
@@ -289,9 +296,8 @@ def main() -> int:
     p.add_argument("--validation", action="store_true", help="train and score inside each task's training split")
     args = p.parse_args()
     methods = args.methods.split(",")
-    try:
-        for spec in methods:
-            method_config(spec, args.max_steps)
+    try:  # every method built and checked before the first run starts
+        built = {spec: method_config(spec, args.max_steps) for spec in methods}
     except ValueError as err:  # UserInputError included: which method, which field
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -300,7 +306,7 @@ def main() -> int:
     if args.validation:
         args.templates = dict(validation_task(Path(args.out), task) for task in tasks)
         tasks = list(args.templates)
-    results = {task: {m: {s: run_one(args, task, m, s) for s in seeds} for m in methods} for task in tasks}
+    results = {task: {m: {s: run_one(args, task, m, built[m], s) for s in seeds} for m in methods} for task in tasks}
     write_outputs(args, summarise(args, results))
     print(f"[quality] written {Path(args.out) / 'quality.md'}")
     failed = any(r is None for t in results.values() for m in t.values() for r in m.values())
