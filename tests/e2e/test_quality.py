@@ -68,13 +68,11 @@ def test_quality_validation_sweep_never_reads_the_test_split(tiny_model_dir, tin
     assert name in json.loads((out / "quality.json").read_text())["table"]
 
 
-@pytest.mark.parametrize(
-    ("spec", "words"),
-    [("l1ra+l1_lambdaa=0.1", ["l1_lambdaa"]), ("l1ra+l1_lambda=-1", ["l1_lambda"]), ("lora+r=4", ["lora", "no method"]),
-     ("l1ra+l1_lambda", ["key=value"]), ("sora", ["unknown", "sora"])],
-)  # fmt: skip
-def test_quality_rejects_a_bad_method_override_before_any_run(spec, words, tmp_path):
-    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(tmp_path), "--methods", spec, "--seeds", "0"]
+@pytest.mark.e2e
+def test_quality_rejects_a_bad_method_override_before_any_run(tmp_path):
+    """The command's side: exit 2 naming the field, nothing started (each bad spec: tests/unit)."""
+    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(tmp_path), "--methods", "lora,l1ra+l1_lambda=-1",
+           "--seeds", "0"]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and all(w in result.stderr for w in words), result.stderr[-2000:]
-    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+    assert result.returncode == 2 and "l1_lambda" in result.stderr, result.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # the valid lora run did not start either: nothing written
