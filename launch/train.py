@@ -62,21 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace):
-    """Every check that can fail on user input, before any process group or DeepSpeed engine exists."""
+    """Every check that can fail on user input, before any process group or DeepSpeed engine exists. The config
+    is checked first, before torch, transformers and DeepSpeed load: a typo is refused in about a second."""
+    from ds_dynrank.config import check_deepspeed_compat, from_ds_config, load_ds_config
+
+    ds_config = load_ds_config(args.deepspeed)
+    dyn_cfg = from_ds_config(ds_config)
+    check_deepspeed_compat(dyn_cfg, ds_config)
+
     import torch
     from transformers import set_seed
 
     from ds_dynrank import checkpoint
-    from ds_dynrank.config import check_deepspeed_compat, from_ds_config, load_ds_config
     from ds_dynrank.data import build_task
     from ds_dynrank.dist import check_launch_env
     from ds_dynrank.inject import inject_lora
     from ds_dynrank.models import load_model_and_tokenizer
     from ds_dynrank.reshape import resize_to
 
-    ds_config = load_ds_config(args.deepspeed)
-    dyn_cfg = from_ds_config(ds_config)
-    check_deepspeed_compat(dyn_cfg, ds_config)
     check_launch_env()
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
@@ -138,6 +141,7 @@ def shared_output_dir(args: argparse.Namespace) -> Path:
 
 
 def train(args: argparse.Namespace) -> dict:
+    ds_config, dyn_cfg, model, task, adapters, resume, validation = prepare(args)  # user input first
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -156,7 +160,6 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.schedule import check_fits
     from ds_dynrank.zero import full_numel
 
-    ds_config, dyn_cfg, model, task, adapters, resume, validation = prepare(args)
     dist.init(timeout_s=args.dist_timeout)
     output_dir = shared_output_dir(args)
     accel = get_accelerator()

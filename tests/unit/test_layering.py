@@ -44,3 +44,15 @@ def test_pure_modules_import_no_deepspeed():
     for name in PURE:
         bad = [n for n in _imports(PACKAGE / name) if n.split(".")[0] == "deepspeed" or n == "ds_dynrank.dist"]
         assert not bad, f"{name} imports {bad}"
+
+
+def test_a_config_check_loads_no_torch_transformers_or_deepspeed():
+    """launch/train.py refuses a bad config before the heavy libraries load: checking one must not import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ds_dynrank.config import from_ds_config, load_ds_config, check_deepspeed_compat; "
+            "import ds_dynrank; from ds_dynrank import UserInputError; "
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
