@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import sys
@@ -169,3 +170,26 @@ def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2
 def error_lines(text: str) -> list[str]:
     """The `error: ...` lines a refused start prints (the rest is library noise)."""
     return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+# the uninterrupted 2-process L1RA run that tests/e2e's resume and reshard tests share (fixture `l1ra_run`)
+L1RA_STEPS = 12
+
+
+def l1ra_config(directory: Path, name: str) -> str:
+    """`name` (zero2_l1ra.json: masked, zero3_l1ra.json: physical) with events every 2 steps that move ranks."""
+    cfg = json.loads((REPO / "ds_configs" / name).read_text())
+    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
+    cfg["dynrank"]["schedule"].update(interval=2)
+    cfg["dynrank"]["lora_dropout"] = 0.1  # exact continuation then needs each rank's RNG state back
+    path = directory / f"l1ra-{name}"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def l1ra_command(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
+    """The 2-process job under the DeepSpeed launcher: 12 steps, evaluated at 6 and 12, a checkpoint every 2."""
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
+            "--deepspeed", cfg, "--model", str(model), "--dataset", str(data), "--max_steps", str(L1RA_STEPS),
+            "--eval_interval", "6", "--eval_samples", "16", "--save_interval", "2",
+            "--output_dir", str(out)]  # fmt: skip

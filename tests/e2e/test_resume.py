@@ -12,25 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, subprocess_env
-
-TRAIN = str(REPO / "launch" / "train.py")
-
-
-def _config(tmp_path: Path, name: str) -> str:
-    cfg = json.loads((REPO / "ds_configs" / name).read_text())
-    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
-    cfg["dynrank"]["schedule"].update(interval=2)
-    cfg["dynrank"]["lora_dropout"] = 0.1  # exact continuation then needs each rank's RNG state back
-    path = tmp_path / "l1ra.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
-
-
-def _cmd(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
-    return ["deepspeed", "--num_gpus", "2", TRAIN, "--deepspeed", cfg, "--model", str(model), "--dataset", str(data),
-            "--max_steps", "12", "--eval_interval", "6", "--eval_samples", "16", "--save_interval", "2",
-            "--output_dir", str(out)]  # fmt: skip
+from helpers import L1RA_STEPS, l1ra_command, subprocess_env
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -57,16 +39,13 @@ def _history(out: Path) -> list[dict]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("config", ["zero2_l1ra.json", "zero3_l1ra.json"], ids=["masked-zero2", "physical-zero3"])
-def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, config):
-    cfg, env = _config(tmp_path, config), subprocess_env()
-    whole = tmp_path / "whole"
-    done = subprocess.run(_cmd(cfg, tiny_model_dir, tiny_csv, whole), env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, config, l1ra_run):
+    cfg, whole = l1ra_run(config)  # the uninterrupted run, shared with test_reshard.py
+    env = subprocess_env()
 
     broken = tmp_path / "broken"
     latest = broken / "checkpoints" / "latest"
-    proc = subprocess.Popen(_cmd(cfg, tiny_model_dir, tiny_csv, broken), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + 240
@@ -80,17 +59,17 @@ def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, c
     killed_at = latest.read_text()
     assert not (broken / "metrics.json").exists()
 
-    resumed = subprocess.run([*_cmd(cfg, tiny_model_dir, tiny_csv, broken), "--resume"], env=env,
+    resumed = subprocess.run([*l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), "--resume"], env=env,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert latest.read_text() == "step12"
+    assert latest.read_text() == f"step{L1RA_STEPS}"
     history = _history(whole)
     assert sum(h["slots_changed"] for h in history) > 0, "ranks must have moved for this test to mean anything"
     assert _history(broken) == history, f"allocation history diverged after resuming from {killed_at}"
     expected, got = _losses(whole), _losses(broken)
-    assert sorted(got) == sorted(expected) and len(expected) == 12
+    assert sorted(got) == sorted(expected) and len(expected) == L1RA_STEPS
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"loss at sample {step}"
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (whole, broken)]
     assert metrics[0]["value"] == metrics[1]["value"]
-    assert [h["step"] for h in metrics[1]["eval_history"]] == [0, 6, 12]
+    assert [h["step"] for h in metrics[1]["eval_history"]] == [0, 6, L1RA_STEPS]
