@@ -191,7 +191,7 @@ class DynRank:
         carry = capture(self.engine)
         model = self.engine.module
         teardown(self.engine)
-        self.engine = None
+        self.engine = self.io = None
         swap_layers(model, self.adapters, [layer for layer, _ in rebuilt])
         self.adapters = iter_lora(model)
 
@@ -206,7 +206,7 @@ class DynRank:
         self.engine = reinitialize(model, groups, self.ds_config, carry, restore)
         self.io = StateIO(self.engine)
         self.method.on_attach(self.engine, self.adapters)
-        gc.collect()
+        gc.collect()  # the old engine: DeepSpeed's hooks keep it reachable until the new engine is built
 
     def check_consistent(self) -> None:
         """Compare a digest of the applied allocation across ranks; stop the run on any difference."""

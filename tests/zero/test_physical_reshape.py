@@ -109,18 +109,20 @@ def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
     for stage in (2, 3):
         dynrank = build(stage)
         train(dynrank, 1, rank, seed=1)
-        rss = []
+        rss, alive = [], []
         for event in range(10):  # alternate shrinking and growing one module in three
             live = [layer.live_slots() for _, layer in dynrank.adapters]
             grow = tuple((1 if event % 2 else 0) if m % 3 == 0 else 0 for m in range(len(live)))
             keep = tuple(tuple(s[: len(s) - (0 if event % 2 else 1)]) if m % 3 == 0 else tuple(s)
                          for m, s in enumerate(live))  # fmt: skip
             dynrank.reallocate(Plan(keep=keep, grow=grow))
+            # counted before any collection of ours: the rebuild itself must have freed the old engine
+            alive.append(sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects()))
             train(dynrank, 1, rank, seed=2 + event)
             gc.collect()
             rss.append(psutil.Process().memory_info().rss)
         engines = sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
-        report[stage] = {"rss": rss, "engines": engines}
+        report[stage] = {"rss": rss, "engines": engines, "alive_after_rebuild": alive}
         dynrank.engine.destroy()
         del dynrank
         gc.collect()
@@ -134,5 +136,6 @@ def test_ten_rebuilds_leak_no_engine_and_no_memory(run_distributed, tmp_path):
         report = torch.load(tmp_path / f"leak_rank{rank}.pt")
         for stage, r in report.items():
             assert r["engines"] == 1, f"ZeRO-{stage}: {r['engines']} engines alive after 10 rebuilds"
+            assert r["alive_after_rebuild"] == [1] * 10, f"ZeRO-{stage}: old engines outlive their rebuild"
             growth = (r["rss"][-1] - r["rss"][1]) / 2**20
             assert growth < 25, f"ZeRO-{stage}: RSS grew {growth:.1f} MiB over 9 rebuilds ({r['rss']})"
