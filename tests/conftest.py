@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import build_tiny_model_dir, sentences, write_csv  # noqa: E402
+from helpers import build_tiny_model_dir, l1ra_command, l1ra_config, sentences, subprocess_env, write_csv  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,23 @@ def run_distributed(tmp_path):
                            start_method="spawn")  # fmt: skip
 
     return run
+
+
+@pytest.fixture(scope="session")
+def l1ra_run(tmp_path_factory, tiny_model_dir, tiny_csv):
+    """l1ra_run(name) -> (config path, output dir) of the uninterrupted 2-process L1RA run that the resume and
+    reshard tests share (tests/e2e), launched on the first request only.
+    Readers may add files next to it (a universal conversion) but must not change what is there."""
+    runs: dict[str, tuple[str, Path]] = {}
+
+    def get(name: str) -> tuple[str, Path]:
+        if name not in runs:
+            directory = tmp_path_factory.mktemp(f"l1ra-{name.removesuffix('.json')}")
+            cfg, out = l1ra_config(directory, name), directory / "whole"
+            done = subprocess.run(l1ra_command(cfg, tiny_model_dir, tiny_csv, out), env=subprocess_env(),
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-4000:]
+            runs[name] = cfg, out
+        return runs[name]
+
+    return get
