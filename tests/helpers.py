@@ -167,6 +167,16 @@ def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2
     return losses
 
 
+def engines_alive() -> int:
+    """DeepSpeed engines the garbage collector tracks, unreachable ones not yet collected included: a rebuild
+    that leaks or merely delays freeing the old engine counts 2."""
+    import gc
+
+    from deepspeed import DeepSpeedEngine
+
+    return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+
+
 def error_lines(text: str) -> list[str]:
     """The `error: ...` lines a refused start prints (the rest is library noise)."""
     return [line for line in text.splitlines() if line.startswith("error:")]

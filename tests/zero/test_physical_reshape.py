@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_ranks_identical, build_dynrank, train_steps
+from helpers import assert_ranks_identical, build_dynrank, engines_alive, train_steps
 from test_masked_reshape import forced_plan
 
 STAGES = (0, 1, 2, 3)
@@ -101,7 +101,6 @@ def test_physical_event_under_every_zero_stage(run_distributed, tmp_path):
 
 def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
     import psutil
-    from deepspeed import DeepSpeedEngine
 
     from ds_dynrank.allocation import Plan
 
@@ -117,11 +116,11 @@ def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
                          for m, s in enumerate(live))  # fmt: skip
             dynrank.reallocate(Plan(keep=keep, grow=grow))
             # counted before any collection of ours: the rebuild itself must have freed the old engine
-            alive.append(sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects()))
+            alive.append(engines_alive())
             train(dynrank, 1, rank, seed=2 + event)
             gc.collect()
             rss.append(psutil.Process().memory_info().rss)
-        engines = sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+        engines = engines_alive()
         report[stage] = {"rss": rss, "engines": engines, "alive_after_rebuild": alive}
         dynrank.engine.destroy()
         del dynrank

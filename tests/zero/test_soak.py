@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import build_dynrank
+from helpers import build_dynrank, engines_alive
 
 EVENTS = 50
 RUNS = [(2, "masked"), (3, "physical")]
@@ -25,8 +25,6 @@ def optimizer_state_elements(engine) -> int:
 
 
 def _worker(rank: int, world: int, out_dir: Path) -> None:
-    from deepspeed import DeepSpeedEngine
-
     from ds_dynrank.lora import lora_parameters
 
     report = {}
@@ -56,7 +54,7 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
             "history": [(h["step"], h["budget"], h["slots_changed"]) for h in dynrank.history],
             "rss": rss,
             "states": states,
-            "engines": sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects()),
+            "engines": engines_alive(),
             "stage3_total": stage == 3,
             "disagreements": disagreements if backend == "masked" else None,
         }
