@@ -3,9 +3,10 @@
     deepspeed --num_gpus 2 launch/bench.py --deepspeed ds_configs/zero2.json --steps 30
 
 Prints, for each variant, ratios against LoRA measured in this run: whole-run time per optimizer step (events
-included), one re-allocation event's cost in LoRA steps, adapter + optimizer bytes before and after training,
-bytes handed to collectives per event (and per ordinary step, by the method's own hooks), and resident memory
-before, after and at its peak (device memory too on an accelerator).
+included) and training tokens per second, one re-allocation event's cost in LoRA steps, adapter + optimizer bytes
+before and after training, bytes handed to collectives per event (and per ordinary step, by the method's own
+hooks), and resident memory before, after and at its peak (device memory too on an accelerator). On an
+accelerator with bf16 the configs' `"bf16": {"enabled": "auto"}` turns it on, as in the main job.
 Writes the numbers to --out (JSON). Timings are never asserted anywhere: they are for reading.
 """
 
@@ -127,7 +128,7 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict
     reset_peak_memory()  # the peak from here on: training and events, not loading
     rss_before, _ = host_memory()
     del engine
-    step_times, event_comm, step_comm = [], [], []
+    step_times, event_comm, step_comm, tokens = [], [], [], 0
     bar = tqdm(total=args.steps + args.warmup, desc=name, disable=not dist.is_main(), dynamic_ncols=True)
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
@@ -144,15 +145,18 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict
         dist.barrier()
         if i >= args.warmup:
             step_times.append(time.perf_counter() - start)
+            tokens += int(batch["attention_mask"].sum())
         bar.update(1)
     bar.close()
     events = dynrank.history[1:]
+    tokens = int(dist.all_reduce_sum(torch.tensor([tokens], device=dynrank.engine.device)).item())
     rss_after, peak_rss = host_memory()
     peak_rss = max(peak_rss, rss_before, rss_after)  # the kernel updates VmHWM lazily: a few pages can be missing
     result = {
         "variant": name,
         "steps": len(step_times),
         "seconds_per_step": sum(step_times) / len(step_times),
+        "tokens_per_second": tokens / sum(step_times),  # every process's non-pad tokens, events included
         "events": len(events),
         "event_seconds": sum(e["seconds"] for e in events) / len(events) if events else 0.0,
         "slots_changed": sum(e["slots_changed"] for e in events),
@@ -202,9 +206,11 @@ def main() -> int:
 
     from ds_dynrank.runtime import local_world_size, share_cpu_threads
 
-    share_cpu_threads(get_accelerator().device_name(), local_world_size(dist.world_size()))
+    accel = get_accelerator()
+    share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
+    bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     base = resolve(load_ds_config(args.deepspeed), max_steps=args.steps + args.warmup, output_dir=Path(args.out).parent,
-                   bf16_supported=False)  # fmt: skip
+                   bf16_supported=bf16_ok)  # fmt: skip
     _, tokenizer = load_model_and_tokenizer(args.model)
     task = build_task(tokenizer, args.dataset, max_eval_samples=1)
     micro = base["train_micro_batch_size_per_gpu"]
@@ -219,15 +225,18 @@ def main() -> int:
     results = [run_variant(v, args, base, batches, validation) for v in args.variants.split(",")]
     if dist.is_main():
         lora = next(r for r in results if r["variant"] == "lora")
-        print(f"\n{'variant':<18} {'s/step':>8} {'x LoRA':>7} {'events':>6} {'event (LoRA steps)':>18} "
+        print(f"\n{'variant':<18} {'s/step':>8} {'x LoRA':>7} {'tokens/s':>9} {'x LoRA':>7} {'events':>6} "
+              f"{'event (LoRA steps)':>18} "
               f"{'slots moved':>11} {'bytes before':>13} {'bytes after':>12} {'x LoRA':>7} "
               f"{'trainable':>10}")  # fmt: skip
         for r in results:
             r["step_time_ratio"] = r["seconds_per_step"] / lora["seconds_per_step"]
+            r["tokens_per_second_ratio"] = r["tokens_per_second"] / lora["tokens_per_second"]
             r["event_cost_steps"] = r["event_seconds"] / lora["seconds_per_step"]
             r["bytes_ratio"] = r["bytes_after"] / lora["bytes_after"]
             r["peak_rss_ratio"] = r["peak_rss"] / lora["peak_rss"]
-            print(f"{r['variant']:<18} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} {r['events']:>6} "
+            print(f"{r['variant']:<18} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} "
+                  f"{r['tokens_per_second']:>9.0f} {r['tokens_per_second_ratio']:>7.3f} {r['events']:>6} "
                   f"{r['event_cost_steps']:>18.2f} {r['slots_changed']:>11} {r['bytes_before']:>13,} "
                   f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f} {r['trainable_parameters']:>10,}")  # fmt: skip
         mib = 2**20

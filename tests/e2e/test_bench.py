@@ -24,10 +24,16 @@ def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
     assert results["lora"]["step_time_ratio"] == 1.0 and results["lora"]["events"] == 0
     for name, r in results.items():
         assert r["seconds_per_step"] > 0 and r["step_time_ratio"] > 0, name
+        assert r["tokens_per_second"] > 0 and r["tokens_per_second_ratio"] > 0, name
         assert 0 < r["rss_before"] <= r["peak_rss"] and r["rss_after"] <= r["peak_rss"], name
         if name != "lora":
             assert r["events"] >= 1, name
             assert r["event_comm_bytes"] > 0, name  # at least the scores' all-reduce and the plan's broadcast
+    # every variant trains on the same batches: the tokens behind its tokens/s are LoRA's, counted over all processes
+    lora_tokens = results["lora"]["tokens_per_second"] * results["lora"]["seconds_per_step"] * 6
+    assert lora_tokens > 6 * 2  # more than one token per sequence, 2 processes
+    for name, r in results.items():
+        assert r["tokens_per_second"] * r["seconds_per_step"] * r["steps"] == pytest.approx(lora_tokens), name
     assert results["lora"]["event_comm_bytes"] == 0 and results["lora"]["step_comm_bytes"] == 0
     # the AdaLoRA-style scorer reduces its gradients every step; module allocation its M activation scores
     assert results["adalora-masked"]["step_comm_bytes"] > 0 and results["modalloc-masked"]["step_comm_bytes"] > 0
