@@ -1,6 +1,7 @@
 """Soak: 50 re-allocation events in one run, 2 real processes, ZeRO-2 masked and ZeRO-3 physical. Ranks move at
 every event; the rank budget is held at every event; the optimizer holds exactly the state the live shapes imply
-(nothing leaked by 50 rebuilds); one engine stays alive; resident memory stays flat. Then one rank goes wrong on
+(nothing leaked by 50 rebuilds); one engine stays alive, each rebuild freeing the old one by itself;
+resident memory stays flat. Then one rank goes wrong on
 its own (NaN scores, a corrupted decision): every rank skips the garbage event together and applies rank 0's
 decision, never its own."""
 
@@ -32,21 +33,22 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
         section = {"method": "l1ra", "r": 4, "reshape": {"backend": backend}, "schedule": {"start": 1, "interval": 1},
                    "l1ra": {"l1_lambda": 20.0, "gate_lr": 0.05}}  # fmt: skip
         dynrank = build_dynrank(stage, section, total_steps=EVENTS + 2)
-        data, rss, states = torch.Generator().manual_seed(rank), [], []
+        data, rss, states, alive = torch.Generator().manual_seed(rank), [], [], []
         for step in range(EVENTS):
             ids = torch.randint(0, 128, (2, 12), generator=data)
             for _ in range(2):  # 2 micro-batches per optimizer step
                 engine = dynrank.engine
                 engine.backward(engine(input_ids=ids, labels=ids).loss)
                 engine.step()
+                del engine  # only dynrank holds the engine across an event
                 dynrank.after_step()
+            alive.append(engines_alive())  # counted before any collection of ours
             if step in (9, EVENTS - 1):
                 gc.collect()
                 rss.append(psutil.Process().memory_info().rss)
             partitioned = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
                               for p in lora_parameters(dynrank.engine.module))  # fmt: skip
             states.append((optimizer_state_elements(dynrank.engine), partitioned))
-        del engine  # the loop's reference to the last engine; only dynrank.engine may hold one now
         if backend == "masked":
             disagreements = _disagreeing_rank(dynrank, rank)
         gc.collect()
@@ -55,6 +57,7 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
             "rss": rss,
             "states": states,
             "engines": engines_alive(),
+            "alive_after_events": alive,
             "stage3_total": stage == 3,
             "disagreements": disagreements if backend == "masked" else None,
         }
@@ -101,6 +104,7 @@ def test_fifty_events_hold_budget_state_and_memory(run_distributed, tmp_path):
             assert {h[1] for h in history} == {history[0][1]}, f"{key}: the budget moved"
             assert sum(h[2] > 0 for h in history) >= EVENTS // 2, f"{key}: ranks rarely moved"
             assert r["engines"] == 1, f"{key}: {r['engines']} engines alive"
+            assert r["alive_after_events"] == [1] * EVENTS, f"{key}: an engine outlived its event"
             # the optimizer holds two moments per element this rank owns (ZeRO-2 keeps a flat partition per
             # group, padded; ZeRO-3 and the physical backend shape it to the live tensors), never more over time
             first, last = r["states"][0][0], r["states"][-1][0]
