@@ -204,13 +204,12 @@ def main() -> int:
     dist.init()
     from deepspeed.accelerator import get_accelerator
 
-    from ds_dynrank.runtime import local_world_size, share_cpu_threads
+    from ds_dynrank.runtime import bf16_available, local_world_size, share_cpu_threads
 
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
-    bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
     base = resolve(load_ds_config(args.deepspeed), max_steps=args.steps + args.warmup, output_dir=Path(args.out).parent,
-                   bf16_supported=bf16_ok)  # fmt: skip
+                   bf16_supported=bf16_available(accel))  # fmt: skip
     _, tokenizer = load_model_and_tokenizer(args.model)
     task = build_task(tokenizer, args.dataset, max_eval_samples=1)
     micro = base["train_micro_batch_size_per_gpu"]

@@ -156,7 +156,7 @@ def train(args: argparse.Namespace) -> dict:
     from ds_dynrank.hook import DynRank, optimizer_groups
     from ds_dynrank.lora import lora_parameters
     from ds_dynrank.methods import build_method
-    from ds_dynrank.runtime import local_world_size, share_cpu_threads
+    from ds_dynrank.runtime import bf16_available, local_world_size, share_cpu_threads
     from ds_dynrank.schedule import check_fits
     from ds_dynrank.zero import full_numel
 
@@ -164,8 +164,8 @@ def train(args: argparse.Namespace) -> dict:
     output_dir = shared_output_dir(args)
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
-    bf16_ok = accel.device_name() != "cpu" and accel.is_bf16_supported()
-    ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_ok)
+    bf16 = bf16_available(accel)
+    ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16)
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
     per_rank = len(task.train) // dist.world_size()  # DistributedSampler(drop_last=True), then micro-batches
     steps_per_epoch = max(1, -(-per_rank // micro) // accumulation)  # len(loader) // accumulation

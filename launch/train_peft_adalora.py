@@ -61,7 +61,7 @@ def train(args) -> dict:
     from ds_dynrank.ds_config import resolve
     from ds_dynrank.evaluation import evaluate
     from ds_dynrank.models import load_model_and_tokenizer
-    from ds_dynrank.runtime import local_world_size, share_cpu_threads
+    from ds_dynrank.runtime import bf16_available, local_world_size, share_cpu_threads
 
     raw = load_ds_config(args.deepspeed)
     stage = (raw.get("zero_optimization") or {}).get("stage", 0)
@@ -80,8 +80,7 @@ def train(args) -> dict:
     output_dir = Path(args.output_dir or REPO / "runs" / f"peft_adalora_{stamp}")
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
-    bf16 = accel.device_name() != "cpu" and accel.is_bf16_supported()
-    ds_config = resolve(raw, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16)
+    ds_config = resolve(raw, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_available(accel))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     sampler = DistributedSampler(task.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,

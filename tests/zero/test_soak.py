@@ -1,9 +1,8 @@
 """Soak: 50 re-allocation events in one run, 2 real processes, ZeRO-2 masked and ZeRO-3 physical. Ranks move at
 every event; the rank budget is held at every event; the optimizer holds exactly the state the live shapes imply
-(nothing leaked by 50 rebuilds); one engine stays alive, each rebuild freeing the old one by itself;
-resident memory stays flat. Then one rank goes wrong on
-its own (NaN scores, a corrupted decision): every rank skips the garbage event together and applies rank 0's
-decision, never its own."""
+(nothing leaked by 50 rebuilds); one engine stays alive, each rebuild freeing the old one by itself; resident
+memory stays flat. Then one rank goes wrong on its own (NaN scores, a corrupted decision): every rank skips the
+garbage event together and applies rank 0's decision, never its own."""
 
 from __future__ import annotations
 
