@@ -39,14 +39,21 @@ def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=180))
+    finished = False
     try:
         fn(rank, world_size, *args)
+        finished = True
     finally:
         # DeepSpeed's CPU all-reduce buffer of this rank: every peer mapped it at init, so its name can go (launched
-        # runs do this in ds_dynrank.dist.init; no barrier here, a failed peer must not hang the others)
+        # runs do this in ds_dynrank.dist.init)
         from ds_dynrank.dist import shm_buffer_path
 
         shm_buffer_path(rank).unlink(missing_ok=True)
+        if finished:
+            # gloo's barrier first waits for this rank's pending work, so no rank closes its connections while a
+            # peer still has an op in flight (a peer aborted once that way, "terminate called without an active
+            # exception"); after a failure there is no barrier, a failed peer must not hang the others
+            dist.barrier()
         dist.destroy_process_group()
 
 
