@@ -32,7 +32,7 @@ def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
     # every variant trains on the same batches: the tokens behind its tokens/s are LoRA's, counted over all processes
     lora = results["lora"]
     lora_tokens = lora["tokens_per_second"] * lora["seconds_per_step"] * lora["steps"]
-    assert lora_tokens > 6 * 2  # more than one token per sequence, 2 processes
+    assert lora_tokens > lora["steps"] * 2  # more than one token per sequence, 2 processes
     for name, r in results.items():
         assert r["tokens_per_second"] * r["seconds_per_step"] * r["steps"] == pytest.approx(lora_tokens), name
     assert results["lora"]["event_comm_bytes"] == 0 and results["lora"]["step_comm_bytes"] == 0

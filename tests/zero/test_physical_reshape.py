@@ -15,6 +15,7 @@ from helpers import assert_ranks_identical, build_dynrank, engines_alive, train_
 from test_masked_reshape import forced_plan
 
 STAGES = (0, 1, 2, 3)
+LEAK_STAGE = 2  # ZeRO-3's physical rebuilds are the 50 of tests/zero/test_soak.py
 SECTION = {"method": "l1ra", "r": 4, "reshape": {"backend": "physical"}, "schedule": {"start": 1000},
            "l1ra": {"l1_lambda": 0.0}}  # fmt: skip
 
@@ -104,27 +105,22 @@ def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
 
     from ds_dynrank.allocation import Plan
 
-    report = {}
-    for stage in (2,):  # ZeRO-3's physical rebuilds: 50 of them in tests/zero/test_soak.py
-        dynrank = build(stage)
-        train(dynrank, 1, rank, seed=1)
-        rss, alive = [], []
-        for event in range(10):  # alternate shrinking and growing one module in three
-            live = [layer.live_slots() for _, layer in dynrank.adapters]
-            grow = tuple((1 if event % 2 else 0) if m % 3 == 0 else 0 for m in range(len(live)))
-            keep = tuple(tuple(s[: len(s) - (0 if event % 2 else 1)]) if m % 3 == 0 else tuple(s)
-                         for m, s in enumerate(live))  # fmt: skip
-            dynrank.reallocate(Plan(keep=keep, grow=grow))
-            # counted before any collection of ours: the rebuild itself must have freed the old engine
-            alive.append(engines_alive())
-            train(dynrank, 1, rank, seed=2 + event)
-            gc.collect()
-            rss.append(psutil.Process().memory_info().rss)
-        engines = engines_alive()
-        report[stage] = {"rss": rss, "engines": engines, "alive_after_rebuild": alive}
-        dynrank.engine.destroy()
-        del dynrank
+    dynrank = build(LEAK_STAGE)
+    train(dynrank, 1, rank, seed=1)
+    rss, alive = [], []
+    for event in range(10):  # alternate shrinking and growing one module in three
+        live = [layer.live_slots() for _, layer in dynrank.adapters]
+        grow = tuple((1 if event % 2 else 0) if m % 3 == 0 else 0 for m in range(len(live)))
+        keep = tuple(tuple(s[: len(s) - (0 if event % 2 else 1)]) if m % 3 == 0 else tuple(s)
+                     for m, s in enumerate(live))  # fmt: skip
+        dynrank.reallocate(Plan(keep=keep, grow=grow))
+        # counted before any collection of ours: the rebuild itself must have freed the old engine
+        alive.append(engines_alive())
+        train(dynrank, 1, rank, seed=2 + event)
         gc.collect()
+        rss.append(psutil.Process().memory_info().rss)
+    report = {"rss": rss, "engines": engines_alive(), "alive_after_rebuild": alive}
+    dynrank.engine.destroy()
     torch.save(report, out_dir / f"leak_rank{rank}.pt")
 
 
@@ -132,9 +128,8 @@ def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
 def test_ten_rebuilds_leak_no_engine_and_no_memory(run_distributed, tmp_path):
     run_distributed(_leak_worker, tmp_path)
     for rank in range(2):
-        report = torch.load(tmp_path / f"leak_rank{rank}.pt")
-        for stage, r in report.items():
-            assert r["engines"] == 1, f"ZeRO-{stage}: {r['engines']} engines alive after 10 rebuilds"
-            assert r["alive_after_rebuild"] == [1] * 10, f"ZeRO-{stage}: old engines outlive their rebuild"
-            growth = (r["rss"][-1] - r["rss"][1]) / 2**20
-            assert growth < 25, f"ZeRO-{stage}: RSS grew {growth:.1f} MiB over 9 rebuilds ({r['rss']})"
+        r = torch.load(tmp_path / f"leak_rank{rank}.pt")
+        assert r["engines"] == 1, f"{r['engines']} engines alive after 10 rebuilds"
+        assert r["alive_after_rebuild"] == [1] * 10, "old engines outlive their rebuild"
+        growth = (r["rss"][-1] - r["rss"][1]) / 2**20
+        assert growth < 25, f"RSS grew {growth:.1f} MiB over 9 rebuilds ({r['rss']})"
