@@ -36,6 +36,16 @@ class Plan:
         """Slots killed plus slots born."""
         return sum(len(set(c) - set(k)) + g for k, c, g in zip(self.keep, live, self.grow))
 
+    @staticmethod
+    def wire_size(capacity_M: list[int]) -> int:
+        """Entries of the encoded plan: a keep mask over the current slots [S], then grow [M] and active [M]."""
+        return sum(capacity_M) + 2 * len(capacity_M)
+
+    @staticmethod
+    def receive_buffer(capacity_M: list[int]) -> torch.Tensor:
+        """What the ranks that do not decide hand to the broadcast."""
+        return torch.zeros(Plan.wire_size(capacity_M), dtype=torch.int64)
+
     def encode(self, capacity_M: list[int]) -> torch.Tensor:
         """Fixed-size int64 [S + 2M] tensor (keep mask over current slots, grow, active or -1): one broadcast."""
         keep_S = torch.zeros(sum(capacity_M), dtype=torch.int64)
@@ -60,8 +70,13 @@ class Plan:
         return int.from_bytes(digest[:8], "little") >> 1
 
 
-def identity_plan(live: list[list[int]]) -> Plan:
-    return Plan(keep=tuple(tuple(x) for x in live), grow=tuple(0 for _ in live))
+def identity_plan(live: list[list[int]], active: list[bool] | None = None) -> Plan:
+    """The plan that keeps everything as it is (with `active`: the allocation as it stands, for its checksum)."""
+    return Plan(
+        keep=tuple(tuple(x) for x in live),
+        grow=tuple(0 for _ in live),
+        active=None if active is None else tuple(active),
+    )
 
 
 def budget_used(ranks_M: list[int], cost_M: list[int], unit: str) -> int:
@@ -102,8 +117,9 @@ def l1ra_plan(
     return Plan(keep=tuple(keep), grow=tuple(grow))
 
 
-def round_robin(freed: int, orders: tuple[list[int], ...], ranks_M: list[int], *, cap_M: list[int],
-                cost_M: list[int], unit: str) -> list[int]:  # fmt: skip
+def round_robin(
+    freed: int, orders: tuple[list[int], ...], ranks_M: list[int], *, cap_M: list[int], cost_M: list[int], unit: str
+) -> list[int]:
     """Hand `freed` budget back one rank at a time, cycling over each candidate order in turn (the next order
     only gets what the previous could not take): as even as possible, earlier modules first."""
     grow = [0] * len(ranks_M)

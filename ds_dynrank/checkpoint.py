@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ds_dynrank import dist, outputs
+from ds_dynrank import dist
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.rundir import CHECKPOINTS, write_json
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -36,16 +37,23 @@ def save(engine, root: Path, tag: str, client_state: dict, meta: dict) -> Path:
     """Collective: every rank writes its part, then rank 0 commits `latest`. `meta` (method, ranks, scaling,
     base model, export settings) goes to the sidecar read before any engine exists."""
     root.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)  # fmt: skip
+    engine.save_checkpoint(
+        str(root), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
     torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")  # dropout draws differ per rank
     if dist.is_main():
-        outputs.write_json(root / tag / ALLOCATION, {"version": FORMAT_VERSION, **meta})
+        write_json(root / tag / ALLOCATION, {"version": FORMAT_VERSION, **meta})
     dist.barrier()
     if dist.is_main():
         _write_text_atomic(root / LATEST, tag)
     dist.barrier()
     return root / tag
+
+
+def latest_tag(root: Path) -> str | None:
+    """The newest committed checkpoint under `root`, or None before the first."""
+    latest = Path(root) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
 
 
 def rng_state() -> dict:
@@ -69,8 +77,8 @@ def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
     """(root, tag) for `--resume`: "latest" (in this run's checkpoints), a run's output directory, a checkpoint
     root holding `latest`, or one tag directory. Errors name what was looked for."""
     path = default_root if resume in ("", "latest") else Path(resume).expanduser()
-    if (path / "checkpoints" / LATEST).is_file():  # a run's output directory
-        path = path / "checkpoints"
+    if (path / CHECKPOINTS / LATEST).is_file():  # a run's output directory
+        path = path / CHECKPOINTS
     if (path / LATEST).is_file():
         root, tag = path, (path / LATEST).read_text().strip()
     elif (path / ALLOCATION).is_file():
@@ -120,22 +128,18 @@ def check_world_size(root: Path, tag: str, world_size: int) -> None:
     )
 
 
+def check_resumable(root: Path, tag: str, *, method: str, modules: list[str], world_size: int) -> dict[str, int]:
+    """Can this run continue from that checkpoint (its format, method, adapted modules, number of processes)?
+    Every answer but yes is a UserInputError, before any engine exists. Returns the saved ranks."""
+    ranks = saved_allocation(root, tag, method)
+    check_world_size(root, tag, world_size)
+    if sorted(ranks) != sorted(modules):
+        raise UserInputError(f"--resume: checkpoint {root / tag} adapts other modules than this model and config")
+    return ranks
+
+
 def is_universal(root: Path, tag: str) -> bool:
     return bool(read_meta(root, tag).get("universal"))
-
-
-def restore_universal_buffers(model: torch.nn.Module, root: Path, tag: str) -> int:
-    """DeepSpeed's universal loading restores parameters and optimizer state but not module buffers, and our rank
-    masks (and the adapters module allocation holds as buffers) are buffers: copy them from the converted
-    checkpoint's per-tensor files. Returns how many were restored."""
-    restored = 0
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            path = root / tag / "zero" / name / "fp32.pt"
-            if path.is_file():
-                buffer.copy_(torch.load(path, weights_only=False)["param"].view_as(buffer).to(buffer.dtype))
-                restored += 1
-    return restored
 
 
 def to_universal(source: Path) -> Path:
@@ -154,14 +158,22 @@ def to_universal(source: Path) -> Path:
     out = root / f"{tag}_universal"
     tmp = root / f".{tag}_universal.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
-           "--output_folder", str(tmp), "--inject_missing_state"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(root / tag),
+        "--output_folder",
+        str(tmp),
+        "--inject_missing_state",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserInputError(f"reshard: DeepSpeed's ds_to_universal failed on {root / tag}: {last}")
-    outputs.write_json(tmp / ALLOCATION, {**meta, "universal": True, "converted_from": tag})
+    write_json(tmp / ALLOCATION, {**meta, "universal": True, "converted_from": tag})
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -2,39 +2,28 @@
 
 DeepSpeed ignores unknown top-level keys, so this schema is the only validation the section gets:
 unknown keys, wrong types and contradictory values are errors that name the field, before training.
+The core fields live here; each method adds its own sub-section and rules from its folder (the registry), so
+this file names no method.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import hjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.methods import registry
+from ds_dynrank.methods.spec import MethodSpec
+from ds_dynrank.section import Section, check_regex
 
 SECTION = "dynrank"
-METHODS = ("lora", "l1ra", "alora", "modalloc", "adalora")
-DYNAMIC = ("l1ra", "alora", "modalloc", "adalora")
-METHOD_SECTIONS = ("l1ra", "alora", "modalloc", "adalora")  # each method's own knobs, allowed with it only
-AVAILABLE_BACKENDS = ("masked", "physical")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-def _check_regex(pattern: str, field: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{field}: {pattern!r} is not a valid regular expression ({err})") from None
-
-
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     kind: Literal["periodic", "once"] = "periodic"
     """`periodic`: an event at start, start + interval, ... up to stop. `once`: a single event at `start`
     (DynaLoRA's reallocate-once-after-N)."""
@@ -58,7 +47,7 @@ class ScheduleConfig(_Section):
         return self
 
 
-class BudgetConfig(_Section):
+class BudgetConfig(Section):
     unit: Literal["rank", "params"] = "rank"
     """What the budget counts: total rank over all modules (L1RA's sum of r), or total adapter parameters (a rank
     of a module costs in_features + out_features, so a wide MLP projection costs more than k_proj)."""
@@ -71,108 +60,17 @@ class BudgetConfig(_Section):
     (physical backend)."""
 
 
-class ReshapeConfig(_Section):
+class ReshapeConfig(Section):
     backend: Literal["masked", "physical"] = "masked"
     """`masked`: fixed capacity per module, slots killed and revived in place (fast). `physical`: tensors really
     change shape; pruned ranks free memory and a module can grow past its initial size."""
 
 
-class L1RAConfig(_Section):
-    l1_lambda: float = Field(0.005, ge=0)
-    """L1 strength on the gates, applied as a proximal step decoupled from Adam (paper configs: 0.005)."""
+class CoreConfig(Section):
+    """The fields every method shares; `DynRankConfig` adds `method` and the methods' own sections."""
 
-    gate_lr: float = Field(0.02, gt=0)
-    """Constant learning rate of the gate vectors, for Adam and for the proximal step (paper configs: 0.02)."""
-
-    threshold: float | None = Field(None, ge=0)
-    """A live rank whose gate is below this is pruned at an event. Default: gate_lr x l1_lambda + 1e-6, i.e.
-    less than one L1 step from zero (the reference code's rule)."""
-
-    exclude_pruned: bool = True
-    """Freed ranks go first to modules that pruned nothing in this event (the reference code's rule)."""
-
-    @property
-    def prune_threshold(self) -> float:
-        return self.threshold if self.threshold is not None else self.gate_lr * self.l1_lambda + 1e-6
-
-
-class ALoRAConfig(_Section):
-    rounds: int = Field(8, ge=1)
-    """N_A: allocation rounds (prune, then grow the modules that lost nothing), one every K2 (paper: up to 8)."""
-
-    prune_per_round: int | None = Field(None, ge=1)
-    """n_A: ranks pruned per round, the lowest AB-LoRA importance first, and handed to modules that lost none.
-    Default: the number of adapted modules (the paper's 1 x N_mod)."""
-
-    val_samples: int = Field(32, ge=1)
-    """|B_val|: examples in the fixed scoring batch, held out of the training data (paper: 32)."""
-
-    variants_per_forward: int = Field(4, ge=1)
-    """Ablation variants (rank removed, or kept alone) evaluated in one batched forward, through per-example
-    slot masks: larger is faster and needs variants_per_forward x val_samples sequences of activation memory."""
-
-    k1_epochs: float = Field(1.0, gt=0)
-    """K1: training before the first round, in epochs (paper: 1), when schedule.start is unset."""
-
-    k2_epochs: float = Field(0.25, gt=0)
-    """K2: training between rounds, in epochs (paper: 0.25), when schedule.interval is unset."""
-
-
-class ModAllocConfig(_Section):
-    score: Literal["activation", "gradient"] = "activation"
-    """Module importance: `activation` = cumulative per-token L2 norm of the module's output (DynaLoRA, LoRA-drop
-    style), `gradient` = cumulative L2 norm of its adapter gradients; summed over micro-batches and ranks."""
-
-    strategy: Literal["topk", "threshold", "multinomial", "discounted", "uniform"] = "topk"
-    """Which modules train until the next event: the `k` most important (`topk`); the smallest top set whose
-    normalised importance sums to >= `threshold`; `k` drawn with probability proportional to importance
-    (`multinomial`) or to importance / times already chosen (`discounted`); `k` uniformly at random (`uniform`).
-    Random draws happen on rank 0 from a seeded generator and are broadcast."""
-
-    k: int | None = Field(None, ge=1)
-    """Modules active at a time. Default: two thirds of the adapted modules (DynaLoRA's 16 of 24)."""
-
-    threshold: float | None = Field(None, gt=0, le=1)
-    """Strategy `threshold`: the importance mass p in (0, 1] the active set must cover (default 0.9)."""
-
-    @model_validator(mode="after")
-    def _strategy_fields(self) -> ModAllocConfig:
-        if self.strategy == "threshold" and self.k is not None:
-            raise ValueError("k: strategy 'threshold' sizes the active set by threshold, not k")
-        if self.strategy != "threshold" and self.threshold is not None:
-            raise ValueError(f"threshold: only used by strategy 'threshold', not {self.strategy!r}")
-        return self
-
-
-class AdaLoRAConfig(_Section):
-    target_r: float | None = Field(None, gt=0)
-    """Average rank per module at the end of the budget schedule (PEFT's target_r). Default: 2/3 of r (PEFT's
-    init_r 12 -> target_r 8)."""
-
-    tinit: int | None = Field(None, ge=0)
-    """Steps of warm-up before any pruning (PEFT's tinit). Default: 10% of --max_steps."""
-
-    tfinal: int | None = Field(None, ge=0)
-    """Steps at the end trained at the final allocation (PEFT's tfinal). Default: 20% of --max_steps."""
-
-    delta_t: int | None = Field(None, ge=1)
-    """Steps between allocation events during the cubic schedule (PEFT's deltaT). Default: 1% of --max_steps,
-    at least 1."""
-
-    beta1: float = Field(0.85, gt=0, lt=1)
-    """EMA factor of the sensitivity |w * grad| (PEFT's beta1)."""
-
-    beta2: float = Field(0.85, gt=0, lt=1)
-    """EMA factor of its uncertainty |I - EMA(I)| (PEFT's beta2)."""
-
-
-class DynRankConfig(_Section):
-    method: Literal["lora", "l1ra", "alora", "modalloc", "adalora"] = "lora"
-    """Adaptation method. `lora`: fixed-rank LoRA (the baseline every dynamic method is measured against).
-    `l1ra`: gates under an L1 penalty, ranks whose gate reaches zero pruned and re-assigned (arXiv 2509.04884).
-    `alora`: AB-LoRA ablation importance per rank, prune the lowest and grow modules that lost none
-    (arXiv 2403.16187). `modalloc`: a subset of modules trains at a time, chosen by importance (DynaLoRA).
-    `adalora`: AdaLoRA's sensitivity x uncertainty scores with its cubic budget schedule (arXiv 2303.10512)."""
+    method: str = registry.DEFAULT
+    """Adaptation method (the registered names; see DynRankConfig)."""
 
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt: `"all-linear"` (every Linear/Conv1D but the output head), a list of names (exact or
@@ -231,30 +129,28 @@ class DynRankConfig(_Section):
     reshape: ReshapeConfig = Field(default_factory=ReshapeConfig)
     """How a decision is applied to parameters, fp32 masters and Adam moments (dynamic methods)."""
 
-    l1ra: L1RAConfig = Field(default_factory=L1RAConfig)
-    """L1RA's knobs (method `l1ra`)."""
-
-    alora: ALoRAConfig = Field(default_factory=ALoRAConfig)
-    """ALoRA's knobs (method `alora`)."""
-
-    modalloc: ModAllocConfig = Field(default_factory=ModAllocConfig)
-    """Dynamic module allocation's knobs (method `modalloc`)."""
-
-    adalora: AdaLoRAConfig = Field(default_factory=AdaLoRAConfig)
-    """AdaLoRA-style scorer's knobs (method `adalora`)."""
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's registry entry: its defaults, rules and implementation."""
+        return registry.spec(self.method)
 
     @property
     def dynamic(self) -> bool:
-        return self.method in DYNAMIC
+        return self.spec.dynamic
 
     @property
     def use_gate(self) -> bool:
-        return self.gate if self.gate is not None else self.method in ("l1ra", "adalora")
+        return self.gate if self.gate is not None else self.spec.gate
 
     @property
     def grows(self) -> bool:
         """Can a module's rank rise above its initial rank?"""
-        return self.method in ("l1ra", "alora")
+        return self.spec.grows
+
+    @property
+    def validation_samples(self) -> int:
+        """Training examples the method scores on, held out of training (0: none)."""
+        return self.spec.validation_samples(self)
 
     def slot_capacity(self, rank: int) -> int:
         """Slots a module with this initial rank is built with."""
@@ -269,7 +165,7 @@ class DynRankConfig(_Section):
             if not value.strip():
                 raise ValueError('must be "all-linear", a regex or a non-empty list of module names')
             if value != "all-linear":
-                _check_regex(value, "target_modules")
+                check_regex(value, "target_modules")
         elif not value:
             raise ValueError("must name at least one module")
         return value
@@ -278,23 +174,16 @@ class DynRankConfig(_Section):
     @classmethod
     def _patterns(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
         for key, v in value.items():
-            _check_regex(key, info.field_name)
+            check_regex(key, info.field_name)
             if v <= 0:
                 raise ValueError(f"{info.field_name}[{key!r}] must be > 0, got {v}")
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> DynRankConfig:
+    def _consistent(self) -> CoreConfig:
         ranks = [self.r, *self.rank_pattern.values()]
         if self.capacity is not None and self.capacity < max(ranks):
             raise ValueError(f"capacity ({self.capacity}) must be >= the largest initial rank ({max(ranks)})")
-        if self.method == "l1ra" and self.gate is False:
-            raise ValueError("gate: method l1ra needs gate: true (or leave gate unset)")
-        if self.reshape.backend not in AVAILABLE_BACKENDS:
-            raise ValueError(
-                f"reshape.backend: {self.reshape.backend!r} is not available in this version "
-                f"(available: {', '.join(AVAILABLE_BACKENDS)})"
-            )
         masked = self.reshape.backend == "masked"
         if self.capacity is not None and self.dynamic and not self.grows:
             raise ValueError(f"capacity: method {self.method!r} never grows a module, so it needs no spare slots")
@@ -315,34 +204,55 @@ class DynRankConfig(_Section):
             stray = [k for k in ("schedule", "budget", "reshape") if k in self.model_fields_set]
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only used by a dynamic method, but method is {self.method!r}")
-        for section in METHOD_SECTIONS:
-            if section in self.model_fields_set and self.method != section:
-                raise ValueError(f"{section}: only used by method {section}, but method is {self.method!r}")
-        if self.method == "adalora":
-            if "schedule" in self.model_fields_set:
-                raise ValueError("schedule: method adalora follows its cubic schedule: set adalora.tinit, "
-                                 "adalora.tfinal and adalora.delta_t instead")  # fmt: skip
-            if self.budget.unit != "rank":
-                raise ValueError("budget.unit: method adalora counts its budget in ranks (PEFT's target_r)")
-            target = self.adalora.target_r
-            if target is not None and target > self.r:
-                raise ValueError(f"adalora.target_r ({target}) must be <= r ({self.r}): AdaLoRA only prunes")
-        if self.method == "modalloc" and "budget" in self.model_fields_set:
-            raise ValueError("budget: method modalloc keeps every rank; size the active set with modalloc.k")
+        for other in registry.SPECS.values():
+            if other.section is not None and other.name in self.model_fields_set and self.method != other.name:
+                raise ValueError(f"{other.name}: only used by method {other.name}, but method is {self.method!r}")
+        self.spec.check(self)
         return self
 
 
-def check_deepspeed_compat(cfg: DynRankConfig, ds_config: dict[str, Any]) -> None:
+def _method_doc() -> str:
+    return "Adaptation method. " + " ".join(f"`{s.name}`: {s.summary}" for s in registry.SPECS.values())
+
+
+def build_config_class() -> type[CoreConfig]:
+    """The core fields, `method` restricted to the registered names, and one sub-section per method with knobs."""
+    names = tuple(registry.SPECS)
+    sections = {
+        s.name: (s.section, Field(default_factory=s.section, description=s.section_doc))
+        for s in registry.SPECS.values()
+        if s.section is not None
+    }
+    method = (Literal[names], Field(registry.DEFAULT, description=_method_doc()))
+    return create_model("DynRankConfig", __base__=CoreConfig, __module__=__name__, method=method, **sections)
+
+
+_BUILT: dict[tuple[str, ...], type[CoreConfig]] = {}
+
+
+def config_class() -> type[CoreConfig]:
+    """The schema for the methods registered now (built once per set of methods: a method registered later is
+    accepted from then on)."""
+    names = tuple(registry.SPECS)
+    if names not in _BUILT:
+        _BUILT[names] = build_config_class()
+    return _BUILT[names]
+
+
+def __getattr__(name: str):
+    if name == "DynRankConfig":  # `from ds_dynrank.config import DynRankConfig`: the schema of today's registry
+        return config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_deepspeed_compat(cfg: CoreConfig, ds_config: dict[str, Any]) -> None:
     """DeepSpeed settings a method cannot work with, refused before anything runs."""
     optimizer = ds_config.get("optimizer") or {}
     kind = str(optimizer.get("type", "")).lower()
     decay = (optimizer.get("params") or {}).get("weight_decay", 0.01 if kind == "adamw" else 0.0)
-    if cfg.method == "modalloc" and cfg.reshape.backend == "masked" and decay:
-        raise UserInputError(
-            f"optimizer.params.weight_decay: {decay} with dynrank method 'modalloc' on the masked backend would "
-            "shrink the adapters of inactive modules, which must stay still; set it to 0, or use "
-            'dynrank.reshape.backend "physical" (inactive adapters leave the optimizer)'
-        )
+    problem = cfg.spec.weight_decay_problem(cfg, decay)
+    if problem:
+        raise UserInputError(f"optimizer.params.weight_decay: {problem}")
 
 
 def format_validation_error(err: ValidationError, section: str = SECTION) -> str:
@@ -352,7 +262,7 @@ def format_validation_error(err: ValidationError, section: str = SECTION) -> str
         loc = ".".join(str(p) for p in (section, *e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            known = ", ".join(DynRankConfig.model_fields)
+            known = ", ".join(config_class().model_fields)
             msg = f"unknown key (known keys: {known})"
         elif "input" in e and e["type"] not in ("value_error", "missing"):
             msg = f"{msg} (got {e['input']!r})"
@@ -360,13 +270,13 @@ def format_validation_error(err: ValidationError, section: str = SECTION) -> str
     return "; ".join(lines)
 
 
-def from_ds_config(ds_config: dict[str, Any]) -> DynRankConfig:
+def from_ds_config(ds_config: dict[str, Any]) -> CoreConfig:
     """Validate the `"dynrank"` section of an already-loaded DeepSpeed config dict."""
     section = ds_config.get(SECTION, {})
     if not isinstance(section, dict):
         raise UserInputError(f"{SECTION}: expected a JSON object, got {type(section).__name__}")
     try:
-        return DynRankConfig(**section)
+        return config_class()(**section)
     except ValidationError as err:
         raise UserInputError(format_validation_error(err)) from None
 
@@ -404,7 +314,7 @@ def _type_name(annotation: Any) -> str:
 
 def schema_table(model: type[BaseModel] | None = None, prefix: str = "") -> str:
     """The README's config table, generated from the schema so the two never drift apart."""
-    model = model or DynRankConfig
+    model = model or config_class()
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"] if not prefix else []
     for name, field in model.model_fields.items():
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):

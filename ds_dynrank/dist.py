@@ -1,4 +1,5 @@
-"""The only module that talks to the process group (through DeepSpeed's own comm).
+"""The only module that talks to the process group (through DeepSpeed's own comm): joining it, collectives, and
+counting the bytes they move.
 
 Every function degrades to a no-op at world size 1, so the same code runs as plain `python`.
 """
@@ -6,7 +7,7 @@ Every function degrades to a no-op at world size 1, so the same code runs as pla
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,78 +18,7 @@ import deepspeed.comm as dscomm
 import torch
 import torch.distributed
 
-from ds_dynrank.errors import UserInputError
-
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-DEFAULT_PORT = "29500"
-
-
-def launch_env(env: Mapping[str, str]) -> dict[str, str]:
-    """What to export so DeepSpeed's env:// rendezvous works under mpirun or srun (pure: env in, variables out).
-
-    Empty when a launcher (deepspeed, torchrun) already set RANK, or when nothing says we are one of many.
-    """
-    if "RANK" in env:
-        return {}
-    if "OMPI_COMM_WORLD_SIZE" in env:
-        found = _from_open_mpi(env)
-    elif "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        found = _from_slurm(env)
-    else:
-        return {}
-    if "WORLD_SIZE" in env and env["WORLD_SIZE"] != found["WORLD_SIZE"]:
-        raise UserInputError(
-            f"distributed launch: WORLD_SIZE={env['WORLD_SIZE']} but the launcher started {found['WORLD_SIZE']} tasks"
-        )
-    single_host = found["LOCAL_SIZE"] == found["WORLD_SIZE"]
-    found["MASTER_ADDR"] = env.get("MASTER_ADDR") or ("127.0.0.1" if single_host else "")
-    if not found["MASTER_ADDR"]:
-        raise UserInputError(
-            "distributed launch: MASTER_ADDR not set for a multi-node run "
-            '(export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1))'
-        )
-    found["MASTER_PORT"] = env.get("MASTER_PORT", DEFAULT_PORT)
-    return found
-
-
-def _from_open_mpi(env: Mapping[str, str]) -> dict[str, str]:
-    """mpirun (Open MPI) exports these to every process before it starts."""
-    keys = {"RANK": "RANK", "WORLD_SIZE": "SIZE", "LOCAL_RANK": "LOCAL_RANK", "LOCAL_SIZE": "LOCAL_SIZE"}
-    return {ours: env.get(f"OMPI_COMM_WORLD_{theirs}", "0") for ours, theirs in keys.items()}
-
-
-def _from_slurm(env: Mapping[str, str]) -> dict[str, str]:
-    """srun exports these to every task of a step."""
-    names = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-    per_node = next((env[n] for n in names if env.get(n)), "1")
-    counts = _expand_tasks_per_node(per_node)
-    node = int(env.get("SLURM_NODEID", "0"))
-    local_size = counts[node] if node < len(counts) else counts[-1]
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "LOCAL_SIZE": str(local_size)}  # fmt: skip
-
-
-def _expand_tasks_per_node(spec: str) -> list[int]:
-    """SLURM's compressed list, e.g. '2(x3),1' -> [2, 2, 2, 1]."""
-    counts = []
-    for part in spec.split(","):
-        count, _, repeat = part.partition("(x")
-        counts += [int(count)] * int(repeat.rstrip(")") or 1)
-    return counts
-
-
-def check_launch_env(env: Mapping[str, str] | None = None) -> None:
-    """Fail fast, never hang, when a launcher left the rendezvous half-described."""
-    env = dict(os.environ) if env is None else dict(env)
-    env.update(launch_env(env))
-    present = [v for v in _LAUNCH_VARS if v in env]
-    if present and len(present) < len(_LAUNCH_VARS):
-        missing = ", ".join(v for v in _LAUNCH_VARS if v not in env)
-        raise UserInputError(f"distributed launch: {', '.join(present)} set but {missing} missing")
-    if present:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        if not 0 <= rank < world:
-            raise UserInputError(f"distributed launch: RANK={rank} is outside WORLD_SIZE={world}")
+from ds_dynrank.launch_env import check_launch_env, free_port, launch_env, launch_world_size, other_mpi
 
 
 def init(timeout_s: float = 600.0) -> None:
@@ -97,7 +27,7 @@ def init(timeout_s: float = 600.0) -> None:
         return
     check_launch_env()
     os.environ.update(launch_env(os.environ))
-    if "WORLD_SIZE" not in os.environ and not _other_mpi(os.environ):
+    if "WORLD_SIZE" not in os.environ and not other_mpi(os.environ):
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     # other MPIs (MPICH, Intel MPI): DeepSpeed's own mpi4py discovery (auto_mpi_discovery, the default)
@@ -127,20 +57,6 @@ def _unlink_shm_buffer() -> None:
         shm_buffer_path(rank()).unlink()
 
 
-def _other_mpi(env: Mapping[str, str]) -> bool:
-    """A multi-process MPI launcher we do not map ourselves (MPICH's or Intel MPI's hydra sets PMI_SIZE)."""
-    return int(env.get("PMI_SIZE", "1")) > 1
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (a rendezvous port for a run we start ourselves)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def is_initialized() -> bool:
     return dscomm.is_initialized()
 
@@ -154,6 +70,11 @@ def rank(group=None) -> int:
 
 def world_size() -> int:
     return dscomm.get_world_size() if dscomm.is_initialized() else 1
+
+
+def expected_world_size() -> int:
+    """The world size, also before the process group exists (as the launcher announced it)."""
+    return world_size() if dscomm.is_initialized() else launch_world_size()
 
 
 def local_rank() -> int:

@@ -10,11 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.rundir import TENSORBOARD
 
 
-def resolve(ds_config: dict[str, Any], *, max_steps: int, output_dir: Path, bf16_supported: bool) -> dict[str, Any]:
+def bf16_available(accel) -> bool:
+    """What `"bf16": {"enabled": "auto"}` resolves to: on where the accelerator has bf16 and is not the CPU (bf16
+    on the CPU accelerator is slower than fp32 and not what these configs test)."""
+    return accel.device_name() != "cpu" and accel.is_bf16_supported()
+
+
+def resolve(
+    ds_config: dict[str, Any], *, max_steps: int, output_dir: Path | None, bf16_supported: bool
+) -> dict[str, Any]:
     """A copy with `bf16.enabled: "auto"` (on where the accelerator has bf16 and is not the CPU), scheduler
-    `total_num_steps: "auto"` (= --max_steps) resolved, and TensorBoard pointed at `output_dir`."""
+    `total_num_steps: "auto"` (= --max_steps) resolved, and TensorBoard pointed at `output_dir` (when given).
+    Resolving a resolved config changes nothing."""
     cfg = copy.deepcopy(ds_config)
     bf16 = cfg.get("bf16")
     if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
@@ -27,9 +37,9 @@ def resolve(ds_config: dict[str, Any], *, max_steps: int, output_dir: Path, bf16
     if leftover:
         raise UserInputError(f'--deepspeed: cannot resolve "auto" for {", ".join(leftover)}; give a value')
     tb = cfg.get("tensorboard")
-    if isinstance(tb, dict) and tb.get("enabled"):
+    if isinstance(tb, dict) and tb.get("enabled") and output_dir is not None:
         tb["output_path"] = str(output_dir)
-        tb.setdefault("job_name", "tensorboard")
+        tb.setdefault("job_name", TENSORBOARD)
     return cfg
 
 

@@ -35,19 +35,31 @@ class ExportModule:
 def from_adapters(adapters: list[tuple[str, LoRALinear]], full: dict[str, torch.Tensor]) -> list[ExportModule]:
     """Export view of live layers; `full` maps `<module>.lora_A|lora_B|lora_gate` to full fp32 values."""
     return [
-        ExportModule(name, full[f"{name}.lora_A"], full[f"{name}.lora_B"], full.get(f"{name}.lora_gate"),
-                     layer.rank_mask.detach().float().cpu(), layer.scaling)
+        ExportModule(
+            name,
+            full[f"{name}.lora_A"],
+            full[f"{name}.lora_B"],
+            full.get(f"{name}.lora_gate"),
+            layer.rank_mask.detach().float().cpu(),
+            layer.scaling,
+        )
         for name, layer in adapters
-    ]  # fmt: skip
+    ]
 
 
 def from_state_dict(state: dict[str, torch.Tensor], scaling: dict[str, float]) -> list[ExportModule]:
     """Export view of a consolidated checkpoint state dict (module names from the scaling table)."""
     return [
-        ExportModule(name, state[f"{name}.lora_A"], state[f"{name}.lora_B"], state.get(f"{name}.lora_gate"),
-                     state[f"{name}.rank_mask"].float(), scale)
+        ExportModule(
+            name,
+            state[f"{name}.lora_A"],
+            state[f"{name}.lora_B"],
+            state.get(f"{name}.lora_gate"),
+            state[f"{name}.rank_mask"].float(),
+            scale,
+        )
         for name, scale in sorted(scaling.items())
-    ]  # fmt: skip
+    ]
 
 
 def peft_tensors(modules: list[ExportModule]) -> tuple[dict, dict, dict]:
@@ -67,8 +79,9 @@ def peft_tensors(modules: list[ExportModule]) -> tuple[dict, dict, dict]:
     return tensors, ranks, alphas
 
 
-def write_peft_adapter(out: Path, modules: list[ExportModule], *, base_model: str, dropout: float = 0.0,
-                       fan_in_fan_out: bool = False) -> Path:  # fmt: skip
+def write_peft_adapter(
+    out: Path, modules: list[ExportModule], *, base_model: str, dropout: float = 0.0, fan_in_fan_out: bool = False
+) -> Path:
     """Write `adapter_config.json` (through PEFT's own LoraConfig) and `adapter_model.safetensors` into `out`."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -105,8 +118,10 @@ def write_peft_adapter(out: Path, modules: list[ExportModule], *, base_model: st
 
 def export_settings(adapters: list[tuple[str, LoRALinear]]) -> dict:
     """The LoraConfig fields that depend on the layers: dropout and Conv1D's transposed weights."""
-    return {"dropout": max(layer.dropout_p for _, layer in adapters),
-            "fan_in_fan_out": any(Conv1D and isinstance(layer.base, Conv1D) for _, layer in adapters)}  # fmt: skip
+    return {
+        "dropout": max(layer.dropout_p for _, layer in adapters),
+        "fan_in_fan_out": any(Conv1D and isinstance(layer.base, Conv1D) for _, layer in adapters),
+    }
 
 
 def gather_full(adapters: list[tuple[str, LoRALinear]]) -> dict[str, torch.Tensor]:
@@ -124,11 +139,14 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     """Export from a run's output directory (its latest checkpoint), a checkpoint root, or one tag directory,
     without building a model or an engine."""
     from ds_dynrank import checkpoint
-    from ds_dynrank.zero import consolidated_state
+    from ds_dynrank.rundir import RunDir
+    from ds_dynrank.zero.checkpoint import consolidated_state
 
     path = Path(path)
-    root, tag = checkpoint.resolve(str(path / "checkpoints" if (path / "checkpoints").is_dir() else path), path)
+    checkpoints = RunDir(path).checkpoints
+    root, tag = checkpoint.resolve(str(checkpoints if checkpoints.is_dir() else path), path)
     meta = checkpoint.read_meta(root, tag)
     modules = from_state_dict(consolidated_state(root, tag), meta["scaling"])
-    return write_peft_adapter(out, modules, base_model=meta["base_model"], dropout=meta["dropout"],
-                              fan_in_fan_out=meta["fan_in_fan_out"])  # fmt: skip
+    return write_peft_adapter(
+        out, modules, base_model=meta["base_model"], dropout=meta["dropout"], fan_in_fan_out=meta["fan_in_fan_out"]
+    )

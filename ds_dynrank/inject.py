@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from ds_dynrank.config import DynRankConfig
+from ds_dynrank.config import CoreConfig
 from ds_dynrank.errors import UserInputError
 from ds_dynrank.lora import Conv1D, LoRALinear, iter_lora
 
@@ -31,7 +31,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
-def select_targets(model: nn.Module, cfg: DynRankConfig) -> list[str]:
+def select_targets(model: nn.Module, cfg: CoreConfig) -> list[str]:
     """Names of the Linear/Conv1D modules `cfg.target_modules` selects, sorted. Errors if none match."""
     linear = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE) and n]
     if cfg.target_modules == "all-linear":
@@ -51,7 +51,7 @@ def select_targets(model: nn.Module, cfg: DynRankConfig) -> list[str]:
     return chosen
 
 
-def inject_lora(model: nn.Module, cfg: DynRankConfig) -> list[tuple[str, LoRALinear]]:
+def inject_lora(model: nn.Module, cfg: CoreConfig) -> list[tuple[str, LoRALinear]]:
     """Freeze every base parameter and wrap each selected module in a LoRALinear. Returns iter_lora(model)."""
     for p in model.parameters():
         p.requires_grad_(False)

@@ -83,9 +83,17 @@ class LoRALinear(nn.Module):
     def resized(self, rank: int) -> LoRALinear:
         """A new layer over the same base with `rank` live slots and this layer's scaling and settings (the
         physical backend fills in its values)."""
-        return LoRALinear(self.base, rank=rank, capacity=rank, alpha=self.alpha, dropout=self.dropout_p,
-                          gate=self.lora_gate is not None, use_rslora=self.use_rslora, init=self.init,
-                          init_rank=self.init_rank)  # fmt: skip
+        return LoRALinear(
+            self.base,
+            rank=rank,
+            capacity=rank,
+            alpha=self.alpha,
+            dropout=self.dropout_p,
+            gate=self.lora_gate is not None,
+            use_rslora=self.use_rslora,
+            init=self.init,
+            init_rank=self.init_rank,
+        )
         # (activity is applied by the caller)
 
     @property
@@ -188,6 +196,11 @@ def adapter_state_tensors(adapters: list[tuple[str, LoRALinear]]) -> list[torch.
     return [p for _, layer in adapters for p in layer.adapter_tensors().values()]
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable adapter parameters, in iter_lora order."""
-    return adapter_parameters(iter_lora(model))
+def ranks_by_name(adapters: list[tuple[str, LoRALinear]]) -> dict[str, int]:
+    """`{module name: live rank}` for every adapted module, in iteration order."""
+    return {name: layer.rank for name, layer in adapters}
+
+
+def activity_by_name(adapters: list[tuple[str, LoRALinear]]) -> dict[str, bool]:
+    """`{module name: does it train now}` for every adapted module (module allocation), in iteration order."""
+    return {name: layer.trainable for name, layer in adapters}

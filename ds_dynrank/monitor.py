@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from ds_dynrank.lora import LoRALinear
-
 Event = tuple[str, float, int]
 
 
-def rank_events(adapters: list[tuple[str, LoRALinear]], step: int) -> list[Event]:
-    """Live rank of every adapted module, and their sum (the rank budget in use)."""
-    events = [(f"DynRank/rank/{name}", float(layer.rank), step) for name, layer in adapters]
-    events.append(("DynRank/budget/rank_total", float(sum(layer.rank for _, layer in adapters)), step))
+def allocation_events(entry: dict, target_budget: float, step: int) -> list[Event]:
+    """One allocation-history entry as TensorBoard scalars: every module's live rank, their sum, the budget in use
+    and its target, slots moved, parameters that train, and (module allocation) how many modules train."""
+    events = [(f"DynRank/rank/{name}", float(rank), step) for name, rank in entry["ranks"].items()]
+    events += [
+        ("DynRank/budget/rank_total", float(sum(entry["ranks"].values())), step),
+        ("DynRank/budget/used", float(entry["budget"]), step),
+        ("DynRank/budget/target", float(target_budget), step),
+        ("DynRank/slots_changed", float(entry["slots_changed"]), step),
+        ("DynRank/trainable_parameters", float(entry["trainable_parameters"]), step),
+    ]
+    if "active" in entry:
+        events.append(("DynRank/active_modules", float(sum(entry["active"].values())), step))
     return events
 
 

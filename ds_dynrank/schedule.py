@@ -25,8 +25,15 @@ class Schedule:
         return steps + [self.stop] if self.final and steps[-1:] != [self.stop] else steps
 
 
-def resolve_schedule(start: int | None, interval: int | None, stop: int | None, *, total_steps: int,
-                     interval_ratio: float, kind: str = "periodic") -> Schedule:  # fmt: skip
+def resolve_schedule(
+    start: int | None,
+    interval: int | None,
+    stop: int | None,
+    *,
+    total_steps: int,
+    interval_ratio: float,
+    kind: str = "periodic",
+) -> Schedule:
     """Unset fields follow the method's default: every `interval_ratio` of the run (L1RA's rank_update_ratio),
     first event after one interval, last event before the final step (an event at the end would train nothing).
     `kind="once"`: a single event at `start`."""

@@ -13,8 +13,9 @@ def ablation_importance(loss_without_S: torch.Tensor, loss_alone_S: torch.Tensor
     return loss_without_S - loss_alone_S
 
 
-def sensitivity_ema(ipt_avg: torch.Tensor, unc_avg: torch.Tensor, value: torch.Tensor, grad: torch.Tensor, *,
-                    beta1: float, beta2: float) -> None:  # fmt: skip
+def sensitivity_ema(
+    ipt_avg: torch.Tensor, unc_avg: torch.Tensor, value: torch.Tensor, grad: torch.Tensor, *, beta1: float, beta2: float
+) -> None:
     """AdaLoRA's smoothed sensitivity, in place (PEFT's RankAllocator.update_ipt): I = |w * g|,
     Ī <- b1 Ī + (1 - b1) I, Ū <- b2 Ū + (1 - b2) |I - Ī| (the updated Ī, as PEFT)."""
     ipt = (value * grad).abs()
@@ -39,8 +40,10 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     over the whole batch; ablation variants need one loss each.)"""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     token = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=ignore_index,
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=ignore_index,
         reduction="none",
-    ).view(shift_labels.shape)  # fmt: skip
+    ).view(shift_labels.shape)
     counted = (shift_labels != ignore_index).sum(dim=1).clamp_min(1)
     return token.sum(dim=1) / counted

@@ -23,39 +23,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-METHODS = ("l1ra", "alora", "modalloc", "adalora")
-VARIANTS = ("lora", *(f"{m}-{b}" for m in METHODS for b in ("masked", "physical")))
+BASELINE = "lora"
+BACKENDS = ("masked", "physical")
 SHARED = ("target_modules", "exclude_modules", "r", "rank_pattern", "lora_alpha", "alpha_pattern", "lora_dropout")
 
 
+def variants() -> tuple[str, ...]:
+    """LoRA, then every dynamic method of the registry on both backends: `<method>-<backend>`."""
+    from ds_dynrank.methods.registry import SPECS
+
+    return (BASELINE, *(f"{name}-{b}" for name, spec in SPECS.items() if spec.dynamic for b in BACKENDS))
+
+
 def variant_section(variant: str, base: dict, args) -> dict:
-    """The "dynrank" section of one variant: the config's LoRA shape, the variant's method and backend, and an
-    event every --interval steps."""
+    """The "dynrank" section of one variant: the config's LoRA shape, the variant's method and backend, the
+    method's own settings for acting every --interval steps, then the variant's `+key=value` overrides."""
+    from ds_dynrank.methods.registry import spec
+    from ds_dynrank.tools.overrides import apply_overrides, split_overrides
+
+    name, overrides = split_overrides(variant, "--variants")
     section = {k: base[k] for k in SHARED if k in base}
     if args.target_modules:
         section["target_modules"] = args.target_modules.split(",")
     if args.r:
         section["r"] = args.r
-    if variant == "lora":
-        return {"method": "lora", **section}
-    method, backend = variant.split("-")
-    section = {"method": method, **section, "reshape": {"backend": backend}}
-    every = {"start": args.interval, "interval": args.interval}
-    if method == "l1ra":
-        return {**section, "schedule": every, "l1ra": {"l1_lambda": args.l1_lambda, "gate_lr": args.gate_lr}}
-    if method == "alora":
-        return {
-            **section,
-            "schedule": every,
-            "alora": {
-                "rounds": 10**6,
-                "val_samples": args.alora_val_samples,
-                "variants_per_forward": args.alora_variants_per_forward,
-            },
-        }
-    if method == "modalloc":
-        return {**section, "schedule": every, "modalloc": {"strategy": "discounted"}}
-    return {**section, "adalora": {"tinit": args.interval - 1, "tfinal": 0, "delta_t": args.interval}}  # fmt: skip
+    if name == BASELINE:
+        return {"method": BASELINE, **section}
+    method, backend = name.rsplit("-", 1)
+    section = {"method": method, **section, "reshape": {"backend": backend}, **spec(method).every(args.interval)}
+    return apply_overrides(section, method, overrides)
 
 
 def adapter_bytes(model) -> int:
@@ -103,44 +99,40 @@ def device_peak() -> int | None:
     return None if accelerator.device_name() == "cpu" else int(accelerator.max_memory_allocated())
 
 
-def run_variant(name: str, args, base_cfg: dict, batches: list, validation: dict) -> dict:
-    import deepspeed
+def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: list, task) -> dict:
     import torch
     from tqdm import tqdm
 
+    import ds_dynrank
     from ds_dynrank import dist
     from ds_dynrank.config import from_ds_config
-    from ds_dynrank.hook import DynRank, optimizer_groups
-    from ds_dynrank.inject import inject_lora
-    from ds_dynrank.models import load_model_and_tokenizer
+    from ds_dynrank.task.data import collate_train
+    from ds_dynrank.task.models import load_model_and_tokenizer
 
     ds_config = copy.deepcopy(base_cfg)
     ds_config["dynrank"] = variant_section(name, base_cfg.get("dynrank", {}), args)
     ds_config.pop("tensorboard", None)
-    cfg = from_ds_config(ds_config)
+    n_scoring = from_ds_config(ds_config).validation_samples  # a method's fixed scoring batch, the same on every rank
+    validation = collate_train(scoring_pool[-n_scoring:], task.candidate_ids, task.pad_id) if n_scoring else None
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(args.model)
-    adapters = inject_lora(model, cfg)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=ds_config)
-    dynrank = DynRank(engine, cfg, adapters, total_steps=args.steps + args.warmup, ds_config=ds_config,
-                      validation=validation)  # fmt: skip
+    dynrank = ds_dynrank.initialize(model, ds_config, total_steps=args.steps + args.warmup, validation=validation)
     bytes_before = adapter_bytes(model)
     reset_peak_memory()  # the peak from here on: training and events, not loading
     rss_before, _ = host_memory()
-    del engine
     step_times, event_comm, step_comm, tokens = [], [], [], 0
     bar = tqdm(total=args.steps + args.warmup, desc=name, disable=not dist.is_main(), dynamic_ncols=True)
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
         dist.barrier()
         start = time.perf_counter()
-        engine = dynrank.engine  # the physical backend rebuilds it at events
-        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-        engine.backward(loss)
-        engine.step()
+        device = dynrank.engine.device
+        loss = dynrank.engine(**{k: v.to(device) for k, v in batch.items()}).loss
+        dynrank.engine.backward(loss)
+        dynrank.engine.step()
         events_so_far = len(dynrank.history)
         with dist.counting_bytes() as sent:
-            dynrank.after_step()
+            dynrank.after_step()  # the physical backend rebuilds the engine at events
         (event_comm if len(dynrank.history) > events_so_far else step_comm).append(sent.bytes)
         dist.barrier()
         if i >= args.warmup:
@@ -184,68 +176,82 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring")
     p.add_argument("--interval", type=int, default=5, help="optimizer steps between re-allocation events")
-    p.add_argument("--l1_lambda", type=float, default=0.5)
-    p.add_argument("--gate_lr", type=float, default=0.1)
-    p.add_argument("--alora_val_samples", type=int, default=4, help="ALoRA's scoring batch (paper: 32)")
-    p.add_argument("--alora_variants_per_forward", type=int, default=16)
     p.add_argument("--target_modules", default=None, help="comma-separated override of the config's targets")
     p.add_argument("--r", type=int, default=None, help="override of the config's rank")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default=",".join(variants()),
+        help=f"any of {', '.join(variants())}, each with optional +key=value overrides of its "
+        "method's section (l1ra-masked+l1_lambda=0.05)",
+    )
     p.add_argument("--out", default=str(REPO / "runs" / "bench_cost.json"))
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     from ds_dynrank import dist
     from ds_dynrank.config import load_ds_config
-    from ds_dynrank.data import build_task, collate_train
-    from ds_dynrank.ds_config import resolve
-    from ds_dynrank.models import load_model_and_tokenizer
+    from ds_dynrank.ds_config import bf16_available, resolve
+    from ds_dynrank.task.data import build_task, collate_train
+    from ds_dynrank.task.models import load_model_and_tokenizer
 
     dist.init()
     from deepspeed.accelerator import get_accelerator
 
-    from ds_dynrank.runtime import bf16_available, local_world_size, share_cpu_threads
+    from ds_dynrank.task.runtime import local_world_size, share_cpu_threads
 
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
-    base = resolve(load_ds_config(args.deepspeed), max_steps=args.steps + args.warmup, output_dir=Path(args.out).parent,
-                   bf16_supported=bf16_available(accel))  # fmt: skip
+    base = resolve(
+        load_ds_config(args.deepspeed),
+        max_steps=args.steps + args.warmup,
+        output_dir=Path(args.out).parent,
+        bf16_supported=bf16_available(accel),
+    )
     _, tokenizer = load_model_and_tokenizer(args.model)
     task = build_task(tokenizer, args.dataset, max_eval_samples=1)
     micro = base["train_micro_batch_size_per_gpu"]
     offset = dist.rank() * micro
-    batches = [collate_train(task.train[offset + i * micro * dist.world_size():][:micro], task.candidate_ids,
-                             task.pad_id) for i in range(args.steps + args.warmup)]  # fmt: skip
-    held_out = task.train[-args.alora_val_samples :]  # ALoRA's fixed scoring batch, the same on every rank
-    validation = collate_train(held_out, task.candidate_ids, task.pad_id)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    batches = [
+        collate_train(task.train[offset + i * micro * dist.world_size() :][:micro], task.candidate_ids, task.pad_id)
+        for i in range(args.steps + args.warmup)
+    ]
+    known = variants()
+    unknown = [v for v in args.variants.split(",") if v.split("+")[0] not in known]
     if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    results = [run_variant(v, args, base, batches, validation) for v in args.variants.split(",")]
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    results = [run_variant(v, args, base, batches, task.train, task) for v in args.variants.split(",")]
     if dist.is_main():
-        lora = next(r for r in results if r["variant"] == "lora")
-        print(f"\n{'variant':<18} {'s/step':>8} {'x LoRA':>7} {'tokens/s':>9} {'x LoRA':>7} {'events':>6} "
-              f"{'event (LoRA steps)':>18} "
-              f"{'slots moved':>11} {'bytes before':>13} {'bytes after':>12} {'x LoRA':>7} "
-              f"{'trainable':>10}")  # fmt: skip
+        lora = next(r for r in results if r["variant"] == BASELINE)
+        print(
+            f"\n{'variant':<18} {'s/step':>8} {'x LoRA':>7} {'tokens/s':>9} {'x LoRA':>7} {'events':>6} "
+            f"{'event (LoRA steps)':>18} "
+            f"{'slots moved':>11} {'bytes before':>13} {'bytes after':>12} {'x LoRA':>7} "
+            f"{'trainable':>10}"
+        )
         for r in results:
             r["step_time_ratio"] = r["seconds_per_step"] / lora["seconds_per_step"]
             r["tokens_per_second_ratio"] = r["tokens_per_second"] / lora["tokens_per_second"]
             r["event_cost_steps"] = r["event_seconds"] / lora["seconds_per_step"]
             r["bytes_ratio"] = r["bytes_after"] / lora["bytes_after"]
             r["peak_rss_ratio"] = r["peak_rss"] / lora["peak_rss"]
-            print(f"{r['variant']:<18} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} "
-                  f"{r['tokens_per_second']:>9.0f} {r['tokens_per_second_ratio']:>7.3f} {r['events']:>6} "
-                  f"{r['event_cost_steps']:>18.2f} {r['slots_changed']:>11} {r['bytes_before']:>13,} "
-                  f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f} {r['trainable_parameters']:>10,}")  # fmt: skip
+            print(
+                f"{r['variant']:<18} {r['seconds_per_step']:>8.3f} {r['step_time_ratio']:>7.3f} "
+                f"{r['tokens_per_second']:>9.0f} {r['tokens_per_second_ratio']:>7.3f} {r['events']:>6} "
+                f"{r['event_cost_steps']:>18.2f} {r['slots_changed']:>11} {r['bytes_before']:>13,} "
+                f"{r['bytes_after']:>12,} {r['bytes_ratio']:>7.2f} {r['trainable_parameters']:>10,}"
+            )
         mib = 2**20
-        print(f"\n{'variant':<18} {'comm/event (B)':>15} {'comm/step (B)':>14} {'RSS before (MiB)':>16} "
-              f"{'RSS after':>10} {'peak RSS':>9} {'x LoRA':>7} {'device peak (MiB)':>17}")  # fmt: skip
+        print(
+            f"\n{'variant':<18} {'comm/event (B)':>15} {'comm/step (B)':>14} {'RSS before (MiB)':>16} "
+            f"{'RSS after':>10} {'peak RSS':>9} {'x LoRA':>7} {'device peak (MiB)':>17}"
+        )
         for r in results:
             device = "-" if r["device_peak"] is None else f"{r['device_peak'] / mib:.0f}"
-            print(f"{r['variant']:<18} {r['event_comm_bytes']:>15,.0f} {r['step_comm_bytes']:>14,.0f} "
-                  f"{r['rss_before'] / mib:>16.0f} {r['rss_after'] / mib:>10.0f} {r['peak_rss'] / mib:>9.0f} "
-                  f"{r['peak_rss_ratio']:>7.2f} {device:>17}")  # fmt: skip
+            print(
+                f"{r['variant']:<18} {r['event_comm_bytes']:>15,.0f} {r['step_comm_bytes']:>14,.0f} "
+                f"{r['rss_before'] / mib:>16.0f} {r['rss_after'] / mib:>10.0f} {r['peak_rss'] / mib:>9.0f} "
+                f"{r['peak_rss_ratio']:>7.2f} {device:>17}"
+            )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
         print(f"\nwritten to {args.out}")

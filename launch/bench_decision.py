@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO))
 def main() -> int:
     import torch
 
-    from ds_dynrank import strategies
-    from ds_dynrank.allocation import alora_plan, l1ra_plan, top_budget_plan
+    from ds_dynrank.allocation import Plan, alora_plan, l1ra_plan, top_budget_plan
+    from ds_dynrank.methods.modalloc import strategies
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modules", type=int, default=1000)
@@ -41,7 +41,7 @@ def main() -> int:
         "adalora": lambda: top_budget_plan(scores, live, budget=M * R // 3, floor=1),
         "modalloc (discounted)": lambda: strategies.discounted(
             torch.rand(M, generator=gen), torch.ones(M), 2 * M // 3, torch.Generator().manual_seed(1)
-        ),  # fmt: skip
+        ),
     }
     print(f"{'decision':<24} {'median s':>10} {'broadcast int64 entries':>24}")
     for name, decide in cases.items():
@@ -50,7 +50,7 @@ def main() -> int:
             start = time.perf_counter()
             plan = decide()
             times.append(time.perf_counter() - start)
-        size = M * R + 2 * M  # every plan is broadcast as keep mask [S] + grow [M] + active [M]
+        size = Plan.wire_size([R] * M)  # every plan is broadcast as keep mask [S] + grow [M] + active [M]
         assert plan is not None
         print(f"{name:<24} {statistics.median(times):>10.4f} {size:>24,}")
     return 0

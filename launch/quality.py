@@ -26,75 +26,97 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TASKS = {"mr": "mr-polarity", "wiki-uncertainty": "wiki-uncertainty"}
-from ds_dynrank.dist import free_port  # noqa: E402
-from ds_dynrank.strategies import STRATEGIES  # noqa: E402
+from ds_dynrank.launch_env import free_port  # noqa: E402
+from ds_dynrank.methods.modalloc.strategies import STRATEGIES  # noqa: E402
 
-# method -> (launcher, DeepSpeed config under ds_configs/, the dynrank section its overrides go to)
-LAYOUT = {
-    "lora": ("train.py", "zero2.json", None),
-    "l1ra": ("train.py", "zero2_l1ra.json", "l1ra"),
-    "alora": ("train.py", "zero2_alora.json", "alora"),
-    **{f"modalloc-{s}": ("train.py", "zero2_modalloc.json", "modalloc") for s in STRATEGIES},
-    "adalora": ("train.py", "zero2_adalora.json", "adalora"),
-    "peft-adalora": ("train_peft_adalora.py", "zero0_peft_adalora.json", None),
+
+class Arm(NamedTuple):
+    """One arm of the benchmark: its launcher, the shipped DeepSpeed config it starts from, and the `"dynrank"`
+    settings it runs at, as a function of the run length (None: a peer with no "dynrank" section)."""
+
+    script: str
+    config: str
+    settings: Callable[[int], dict] | None
+
+
+def _every(n: int, parts: int) -> int:
+    return max(1, n // parts)
+
+
+SHARED = {"target_modules": "all-linear", "r": 8, "lora_alpha": 16}  # the rank budget every arm holds
+ARMS = {
+    "lora": Arm("train.py", "zero2.json", lambda n: SHARED),
+    "l1ra": Arm("train.py", "zero2_l1ra.json", lambda n: SHARED),
+    # the paper's round, on every module: scoring cost grows with the ranks scored
+    "alora": Arm(
+        "train.py",
+        "zero2_alora.json",
+        lambda n: {
+            **SHARED,
+            "capacity": 16,
+            "schedule": {"start": _every(n, 4), "interval": _every(n, 4)},
+            "alora": {"rounds": 2, "val_samples": 2},
+        },
+    ),
+    **{
+        f"modalloc-{s}": Arm(
+            "train.py",
+            "zero2_modalloc.json",
+            lambda n, s=s: {
+                **SHARED,
+                "schedule": {"kind": "periodic", "interval": _every(n, 6)},
+                "modalloc": {"score": "activation", "strategy": s},
+            },
+        )
+        for s in STRATEGIES
+    },
+    "adalora": Arm("train.py", "zero2_adalora.json", lambda n: {**SHARED, "r": 12}),  # 12 -> 8, as PEFT's peer
+    # its launcher builds AdaLoraConfig from the config's own "peft_adalora" section, at the same budget
+    "peft-adalora": Arm("train_peft_adalora.py", "zero0_peft_adalora.json", None),
 }
-METHODS = tuple(LAYOUT)
+METHODS = tuple(ARMS)
+BASELINE, PEER = "lora", "peft-adalora"  # what every arm is paired with, and the outside peer
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """'l1ra+l1_lambda=0.05' -> ('l1ra', {'l1_lambda': 0.05}): a method and overrides of its own config section."""
-    base, *pairs = spec.split("+")
+    """'l1ra+l1_lambda=0.05' -> ('l1ra', {'l1_lambda': 0.05}): an arm and overrides of its method's own section."""
+    from ds_dynrank.tools.overrides import split_overrides
+
+    base, overrides = split_overrides(spec, "--methods")
     if base not in METHODS:
         raise ValueError(f"--methods: unknown {base!r} (known: {', '.join(METHODS)})")
-    if pairs and LAYOUT[base][2] is None:
-        raise ValueError(f"--methods: {spec!r}: {base} has no method section to override")
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--methods: {spec!r}: expected method+key=value, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a bare string, e.g. strategy=topk
     return base, overrides
 
 
 def method_config(spec: str, max_steps: int) -> tuple[str, dict]:
-    """(script, DeepSpeed config) of one method, at the shared budget, its events scaled to the run, overrides
-    applied last and the result validated as the job would validate it."""
+    """(script, DeepSpeed config) of one arm at the shared budget, its events scaled to the run, overrides applied
+    last and the result validated as the job would validate it."""
     from ds_dynrank.config import from_ds_config
+    from ds_dynrank.methods.registry import spec as method_spec
+    from ds_dynrank.tools.overrides import apply_overrides
 
     base, overrides = parse_method(spec)
-    script, cfg = base_config(base, max_steps)
+    arm = ARMS[base]
+    cfg = json.loads((REPO / "ds_configs" / arm.config).read_text())
+    if arm.settings is not None:
+        section = cfg["dynrank"]
+        for key, value in arm.settings(max_steps).items():
+            section[key] = {**section.get(key, {}), **value} if isinstance(value, dict) else value
+    method = cfg.get("dynrank", {}).get("method")
     if overrides:
-        cfg["dynrank"].setdefault(LAYOUT[base][2], {}).update(overrides)
+        if method is None or method_spec(method).section is None:
+            raise ValueError(f"--methods: {spec!r}: {base} has no method section to override")
+        cfg["dynrank"] = apply_overrides(cfg["dynrank"], method, overrides)
         from_ds_config(cfg)  # a bad key or value is a UserInputError naming the field, before any run starts
-    return script, cfg
-
-
-def base_config(method: str, max_steps: int) -> tuple[str, dict]:
-    """(script, DeepSpeed config) of one method as the benchmark runs it, before overrides."""
-    script, name, _ = LAYOUT[method]
-    cfg = json.loads((REPO / "ds_configs" / name).read_text())
-    if method == "peft-adalora":  # its launcher builds AdaLoraConfig at our AdaLoRA budget, r 12 -> 8
-        return script, cfg
-    every = max(1, max_steps // 6)
-    section = cfg["dynrank"]
-    section.update(target_modules="all-linear", r=12 if method == "adalora" else 8, lora_alpha=16)
-    if method == "alora":  # the paper's round, on every module: scoring cost grows with the ranks scored
-        section.update(capacity=16, schedule={"start": max(1, max_steps // 4), "interval": max(1, max_steps // 4)})
-        section["alora"].update(rounds=2, val_samples=2)
-    if method.startswith("modalloc-"):
-        section["schedule"] = {"kind": "periodic", "interval": every}
-        section["modalloc"] = {"score": "activation", "strategy": method.split("-", 1)[1]}
-    return script, cfg
+    return arm.script, cfg
 
 
 def label(task: str) -> str:
@@ -105,7 +127,7 @@ def label(task: str) -> str:
 def validation_task(out: Path, task: str) -> tuple[str, str]:
     """(CSV path, prompt) of the task's training split alone: a run on it holds out a fixed quarter of the training
     sentences and never reads the test split. The prompt stays the original task's."""
-    from ds_dynrank.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table, task_template
+    from ds_dynrank.task.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table, task_template
 
     dataset = TASKS.get(task, task)
     path = out / "validation" / f"{label(task)}-validation.csv"
@@ -120,19 +142,40 @@ def validation_task(out: Path, task: str) -> tuple[str, str]:
 
 def run_one(args, task: str, method: str, built: tuple[str, dict], seed: int) -> dict | None:
     """One run's metrics: reused when its metrics.json exists, else trained now with `built` (script, config)."""
-    out = Path(args.out) / label(task) / method / f"seed{seed}"
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
+    from ds_dynrank.rundir import RunDir
+
+    run = RunDir(Path(args.out) / label(task) / method / f"seed{seed}")
+    out = run.path
+    if run.metrics.is_file():
+        return run.read_metrics()
     if args.summarise_only:
         return None
     script, cfg = built
     config_path = Path(args.out) / "configs" / f"{method}.json"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(cfg, indent=2))
-    cmd = ["deepspeed", "--num_gpus", str(args.nproc), "--master_port", str(free_port()),
-           str(REPO / "launch" / script), "--deepspeed", str(config_path), "--dataset", TASKS.get(task, task),
-           "--seed", str(seed), "--max_steps", str(args.max_steps), "--eval_interval", "0",
-           "--eval_samples", str(args.eval_samples), "--output_dir", str(out)]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(args.nproc),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / script),
+        "--deepspeed",
+        str(config_path),
+        "--dataset",
+        TASKS.get(task, task),
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(args.max_steps),
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        str(args.eval_samples),
+        "--output_dir",
+        str(out),
+    ]
     if args.model:
         cmd += ["--model", args.model]
     if task in args.templates:
@@ -145,30 +188,33 @@ def run_one(args, task: str, method: str, built: tuple[str, dict], seed: int) ->
     if code != 0:
         print(f"[quality] FAILED ({code}): see {log}", flush=True)
         return None
-    if (out / "allocation_history.json").is_file():
-        from ds_dynrank.report import write_report
+    if run.history.is_file():
+        from ds_dynrank.tools.report import write_report
 
         write_report(out)
-    return json.loads((out / "metrics.json").read_text())
+    return run.read_metrics()
 
 
 def type_ranks(run_dir: Path) -> dict[str, float]:
-    """Mean final rank per module type (q_proj, ...), from allocation.json."""
-    path = run_dir / "allocation.json"
-    if not path.is_file():
+    """Mean final rank per module type (q_proj, ...; the report's labels), from allocation.json."""
+    from ds_dynrank.rundir import RunDir
+    from ds_dynrank.tools.report import type_labels, type_totals
+
+    ranks = RunDir(run_dir).read_allocation()
+    if not ranks:
         return {}
-    totals: dict[str, list[int]] = {}
-    for name, rank in json.loads(path.read_text()).items():
-        totals.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
-    return {t: sum(v) / len(v) for t, v in totals.items()}
+    labels = type_labels(ranks)
+    counts = {t: list(labels.values()).count(t) for t in set(labels.values())}
+    return {t: total / counts[t] for t, total in type_totals(ranks, labels).items()}
 
 
 def type_active_share(run_dir: Path) -> dict[str, float]:
     """% of module-events each module type trained (module allocation), from allocation_history.json."""
-    from ds_dynrank.report import type_activity
+    from ds_dynrank.rundir import RunDir
+    from ds_dynrank.tools.report import type_activity
 
-    path = run_dir / "allocation_history.json"
-    shares = type_activity(json.loads(path.read_text())) if path.is_file() else None
+    history = RunDir(run_dir).read_history()
+    shares = type_activity(history) if history else None
     return {t: share for t, (_, _, share) in (shares or {}).items()}
 
 
@@ -177,7 +223,7 @@ def summarise(args, results: dict) -> dict:
     table = {}
     for task, by_method in results.items():
         table[label(task)] = {}
-        lora = {seed: r for seed, r in by_method.get("lora", {}).items() if r}
+        lora = {seed: r for seed, r in by_method.get(BASELINE, {}).items() if r}
         for method, runs in by_method.items():
             done = {seed: r for seed, r in runs.items() if r}  # failed runs are None
             if not done:
@@ -195,7 +241,7 @@ def summarise(args, results: dict) -> dict:
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "seeds": len(values),
                 "by_seed": {str(seed): 100 * r["value"] for seed, r in done.items()},
-                "paired_to_lora": statistics.fmean(paired) if paired and method != "lora" else None,
+                "paired_to_lora": statistics.fmean(paired) if paired and method != BASELINE else None,
                 "trainable_parameters": first["trainable_parameters"],
                 "active_parameters": statistics.fmean(
                     r.get("trainable_parameters_active", r["trainable_parameters"]) for r in done.values()
@@ -208,10 +254,10 @@ def summarise(args, results: dict) -> dict:
 
 
 def targets(task_table: dict) -> list[str]:
-    if "lora" not in task_table:
+    if BASELINE not in task_table:
         return ["no LoRA baseline in this task"]
-    lora = task_table["lora"]["mean"]
-    dynamic = {m: v["mean"] for m, v in task_table.items() if m not in ("lora", "peft-adalora")}
+    lora = task_table[BASELINE]["mean"]
+    dynamic = {m: v["mean"] for m, v in task_table.items() if m not in (BASELINE, PEER)}
     lines = []
     if dynamic:
         best = max(dynamic, key=dynamic.get)
@@ -221,8 +267,8 @@ def targets(task_table: dict) -> list[str]:
         )
         below = [m for m, v in dynamic.items() if v < lora - 0.3]
         lines.append(f"no method below LoRA - 0.3: {'met' if not below else 'missed by ' + ', '.join(below)}")
-    if "peft-adalora" in task_table:
-        peer = task_table["peft-adalora"]["mean"]
+    if PEER in task_table:
+        peer = task_table[PEER]["mean"]
         worse = [m for m, v in dynamic.items() if v < peer]
         lines.append(
             f"every method >= PEFT AdaLoRA ({peer:.1f}): {'met' if not worse else 'missed by ' + ', '.join(worse)}"
@@ -231,33 +277,51 @@ def targets(task_table: dict) -> list[str]:
 
 
 def write_outputs(args, table: dict) -> None:
-    from ds_dynrank.outputs import write_json
+    from ds_dynrank.rundir import write_json
 
     out = Path(args.out)
     write_json(out / "quality.json", {"config": vars(args), "table": table})
     setup = f"Steps {args.max_steps}, seeds {args.seeds}, {args.nproc} processes."
     lines = ["# Quality benchmark", "", setup, ""]
     for task, rows in table.items():
-        header = ("| method | accuracy (%) mean ± std | by seed | paired Δ to LoRA | adapter params allocated | "
-                  "params training at the end | final rank budget |")  # fmt: skip
+        header = (
+            "| method | accuracy (%) mean ± std | by seed | paired Δ to LoRA | adapter params allocated | "
+            "params training at the end | final rank budget |"
+        )
         lines += [f"## {task}", "", header, "|---|---|---|---|---|---|---|"]
         for method, r in rows.items():
             paired = "–" if r["paired_to_lora"] is None else f"{r['paired_to_lora']:+.2f}"
             by_seed = ", ".join(f"{v:.1f}" for v in r["by_seed"].values())
-            cells = [f"{r['mean']:.2f} ± {r['std']:.2f}", by_seed, paired, f"{r['trainable_parameters']:,}",
-                     f"{r['active_parameters']:,.0f}", r["final_budget"]]  # fmt: skip
+            cells = [
+                f"{r['mean']:.2f} ± {r['std']:.2f}",
+                by_seed,
+                paired,
+                f"{r['trainable_parameters']:,}",
+                f"{r['active_parameters']:,.0f}",
+                r["final_budget"],
+            ]
             lines.append(f"| {method} | " + " | ".join(str(c) for c in cells) + " |")
         types = sorted({t for r in rows.values() for t in r["rank_by_type"]})
         if types:
-            lines += ["", "Mean final rank per module type:", "", "| method | " + " | ".join(types) + " |",
-                      "|---|" + "---|" * len(types)]  # fmt: skip
+            lines += [
+                "",
+                "Mean final rank per module type:",
+                "",
+                "| method | " + " | ".join(types) + " |",
+                "|---|" + "---|" * len(types),
+            ]
             for method, r in rows.items():
                 lines.append(f"| {method} | " + " | ".join(f"{r['rank_by_type'].get(t, 0):.1f}" for t in types) + " |")
         active = {m: r["active_share_by_type"] for m, r in rows.items() if r.get("active_share_by_type")}
         if active:
             types = sorted({t for a in active.values() for t in a})
-            lines += ["", "Module allocation: % of module-events each type trained:", "",
-                      "| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]  # fmt: skip
+            lines += [
+                "",
+                "Module allocation: % of module-events each type trained:",
+                "",
+                "| method | " + " | ".join(types) + " |",
+                "|---|" + "---|" * len(types),
+            ]
             for method, a in active.items():
                 lines.append(f"| {method} | " + " | ".join(f"{a.get(t, 0):.0f}" for t in types) + " |")
         lines += ["", "Targets:", "", *(f"- {t}" for t in targets(rows)), ""]

@@ -1,10 +1,13 @@
 """The same fine-tuning driven by the HF Trainer instead of our explicit loop (example of the Trainer integration).
 
     deepspeed --num_gpus 2 launch/train_hf.py --deepspeed ds_configs/hf_zero2_l1ra.json --max_steps 60
+    deepspeed --num_gpus 2 launch/train_hf.py ... --save_steps 20 --output_dir runs/hf          # Trainer checkpoints
+    deepspeed --num_gpus 2 launch/train_hf.py ... --save_steps 20 --output_dir runs/hf --resume  # continue the last
 
 Trainer builds the optimizer (with the method's param groups) and the LR schedule; DynRankTrainer's callback
-runs the re-allocation engine at every optimizer step. Each rank writes its final allocation to
-`<output_dir>/allocation_rank<N>.json`, so agreement across ranks can be checked from outside.
+runs the re-allocation engine at every optimizer step, and its checkpoints carry the allocator's state. Each rank
+writes its final allocation to `<output_dir>/allocation_rank<N>.json`, so agreement across ranks can be checked
+from outside.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ def main() -> int:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--output_dir", default=str(REPO / "runs" / "hf"))
+    p.add_argument("--save_steps", type=int, default=0, help="a Trainer checkpoint every N steps (0: none)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        help="continue from the last checkpoint in --output_dir, or from the one given",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -34,36 +45,45 @@ def main() -> int:
     from deepspeed.accelerator import get_accelerator
     from transformers import TrainingArguments, set_seed
 
-    from ds_dynrank import dist, outputs
-    from ds_dynrank.config import from_ds_config, load_ds_config
-    from ds_dynrank.data import build_task, collate_train
+    from ds_dynrank import dist
     from ds_dynrank.errors import UserInputError
     from ds_dynrank.hf import DynRankTrainer
-    from ds_dynrank.inject import inject_lora
-    from ds_dynrank.models import load_model_and_tokenizer
+    from ds_dynrank.lora import ranks_by_name
+    from ds_dynrank.rundir import write_json
+    from ds_dynrank.task.data import build_task, collate_train
+    from ds_dynrank.task.models import load_model_and_tokenizer
 
     try:
-        cfg = from_ds_config(load_ds_config(args.deepspeed))
         set_seed(args.seed)
         model, tokenizer = load_model_and_tokenizer(args.model)
         task = build_task(tokenizer, args.dataset, max_eval_samples=1)
-        inject_lora(model, cfg)
         training = TrainingArguments(
-            output_dir=args.output_dir, deepspeed=args.deepspeed, max_steps=args.max_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
-            lr_scheduler_type="linear", warmup_steps=max(1, args.max_steps // 10), logging_steps=5,
-            save_strategy="no", report_to=["tensorboard"], seed=args.seed, remove_unused_columns=False,
+            output_dir=args.output_dir,
+            deepspeed=args.deepspeed,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=max(1, args.max_steps // 10),
+            logging_steps=5,
+            save_strategy="steps" if args.save_steps else "no",
+            save_steps=args.save_steps or 500,
+            report_to=["tensorboard"],
+            seed=args.seed,
+            remove_unused_columns=False,
             use_cpu=get_accelerator().device_name() == "cpu",
-        )  # fmt: skip
-        trainer = DynRankTrainer(model=model, args=training, train_dataset=task.train,
-                                 data_collator=lambda b: collate_train(b, task.candidate_ids, task.pad_id))  # fmt: skip
+        )
+        trainer = DynRankTrainer(
+            model=model,
+            args=training,
+            train_dataset=task.train,
+            data_collator=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
+        )
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.train()
-    outputs.write_json(
-        Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", outputs.allocation(trainer.dynrank.adapters)
-    )
+    trainer.train(resume_from_checkpoint=args.resume)
+    write_json(Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", ranks_by_name(trainer.dynrank.adapters))
     return 0
 
 

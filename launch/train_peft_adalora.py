@@ -6,9 +6,9 @@ launch/train.py, driven the way PEFT requires.
 `update_and_allocate(global_step)` runs at every optimizer step, after the gradients are reduced and before the
 step. It runs under ZeRO-0, the one stage where PEFT's masking holds: ZeRO-0 in fp32 keeps no separate master
 weights, and its gradients are all-reduced in `engine.backward`, so every rank masks alike. Under ZeRO 1-3,
-`masked_fill_` edits only the working copy, and the optimizer's fp32 master restores the pruned values
-(`../shared/docs/methods.md` §4.1). The run writes the same `metrics.json` as launch/train.py, plus `allocation.json`
-(the rank per module PEFT's final mask keeps).
+`masked_fill_` edits only the working copy, and the optimizer's fp32 master restores the pruned values at the next
+step. The run writes the same `metrics.json` as launch/train.py, plus `allocation.json` (the rank per module PEFT's
+final mask keeps).
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
-
-from train import parse_args  # noqa: E402 - the same flags as the main job
 
 from ds_dynrank.errors import UserInputError  # noqa: E402
+from ds_dynrank.task.job import run_main  # noqa: E402
 
 
 def peft_config_from(section: dict, total_steps: int):
@@ -31,11 +29,19 @@ def peft_config_from(section: dict, total_steps: int):
     config: init_r 12 -> target_r 8, tinit 10%, tfinal 20%, deltaT 1% of the run."""
     from peft import AdaLoraConfig
 
-    fields = {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "beta1": 0.85, "beta2": 0.85,
-              "orth_reg_weight": 0.5, "tinit": round(0.1 * total_steps), "tfinal": round(0.2 * total_steps),
-              "deltaT": max(1, round(0.01 * total_steps)),
-              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"]}  # fmt: skip
+    fields = {
+        "init_r": 12,
+        "target_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "orth_reg_weight": 0.5,
+        "tinit": round(0.1 * total_steps),
+        "tfinal": round(0.2 * total_steps),
+        "deltaT": max(1, round(0.01 * total_steps)),
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
     unknown = set(section) - set(fields)
     if unknown:
         raise UserInputError(f"peft_adalora: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(fields))})")
@@ -48,20 +54,18 @@ def peft_config_from(section: dict, total_steps: int):
 
 def train(args) -> dict:
     import deepspeed
-    import torch
     from deepspeed.accelerator import get_accelerator
     from peft import get_peft_model
-    from torch.utils.data import DataLoader, DistributedSampler
     from tqdm import tqdm
     from transformers import set_seed
 
-    from ds_dynrank import dist, monitor, outputs
+    from ds_dynrank import dist
     from ds_dynrank.config import load_ds_config
-    from ds_dynrank.data import build_task, collate_train
-    from ds_dynrank.ds_config import resolve
-    from ds_dynrank.evaluation import evaluate
-    from ds_dynrank.models import load_model_and_tokenizer
-    from ds_dynrank.runtime import bf16_available, local_world_size, share_cpu_threads
+    from ds_dynrank.ds_config import bf16_available, resolve
+    from ds_dynrank.rundir import RunDir
+    from ds_dynrank.task import job
+    from ds_dynrank.task.models import load_model_and_tokenizer
+    from ds_dynrank.task.runtime import local_world_size, share_cpu_threads
 
     raw = load_ds_config(args.deepspeed)
     stage = (raw.get("zero_optimization") or {}).get("stage", 0)
@@ -70,33 +74,20 @@ def train(args) -> dict:
     peft_cfg = peft_config_from(raw.pop("peft_adalora", {}), args.max_steps)
     raw.pop("dynrank", None)
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
-    task = build_task(tokenizer, args.dataset, text_column=args.text_column, label_column=args.label_column,
-                      template=args.prompt_template, max_length=args.max_length,
-                      max_eval_samples=args.eval_samples or None)  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    task = job.build_data(args, tokenizer)
     model = get_peft_model(model, peft_cfg)
     dist.init(timeout_s=args.dist_timeout)
-    stamp = dist.broadcast(torch.tensor([int(time.strftime("%Y%m%d%H%M%S"))]), src=0).item()
-    output_dir = Path(args.output_dir or REPO / "runs" / f"peft_adalora_{stamp}")
+    run = RunDir(job.shared_output_dir(args, prefix="peft_adalora_"))
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
-    ds_config = resolve(raw, max_steps=args.max_steps, output_dir=output_dir, bf16_supported=bf16_available(accel))
+    ds_config = resolve(raw, max_steps=args.max_steps, output_dir=run.path, bf16_supported=bf16_available(accel))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    sampler = DistributedSampler(task.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
-                                 seed=args.seed, drop_last=True)  # fmt: skip
-    loader = DataLoader(task.train, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler,
-                        collate_fn=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
-                        generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    sampler, loader = job.train_loader(task, args, engine.train_micro_batch_size_per_gpu())
+    run_eval = job.evaluator(task, args)
 
-    def run_eval() -> dict:
-        engine.eval()
-        result = evaluate(engine, task, batch_size=args.eval_batch_size, device=engine.device)
-        engine.train()
-        monitor.write(engine.monitor, monitor.scalar_events("Eval", result, engine.global_samples))
-        return result
-
-    baseline = run_eval()
+    baseline = run_eval(engine)
     history = [{"step": 0, **baseline}]
     start, epoch = time.time(), 0
     bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc="train (PEFT AdaLoRA)", dynamic_ncols=True)
@@ -112,29 +103,40 @@ def train(args) -> dict:
                 bar.update(engine.global_steps - bar.n)
             step = engine.global_steps
             if args.eval_interval and step % args.eval_interval == 0 and 0 < step < args.max_steps and bar.n == step:
-                history.append({"step": step, **run_eval()})
+                history.append({"step": step, **run_eval(engine)})
             if step >= args.max_steps:
                 break
         epoch += 1
     bar.close()
-    final = run_eval()
+    final = run_eval(engine)
     history.append({"step": engine.global_steps, **final})
     pattern = peft_cfg.rank_pattern or {}
     ranks = {module_name(name): int(sum(mask)) for name, mask in pattern.items()}
     metrics = {
-        "metric": "accuracy", "value": final["accuracy"], "baseline_value": baseline["accuracy"],
-        "eval_loss": final["eval_loss"], "eval_examples": len(task.eval), "steps": engine.global_steps,
-        "samples": engine.global_samples, "wall_seconds": round(time.time() - start, 2),
-        "trainable_parameters": sum(p.numel() for p in trainable), "world_size": dist.world_size(),
-        "zero_stage": 0, "method": "peft-adalora", "final_budget": sum(ranks.values()), "budget_unit": "rank",
+        "metric": "accuracy",
+        "value": final["accuracy"],
+        "baseline_value": baseline["accuracy"],
+        "eval_loss": final["eval_loss"],
+        "eval_examples": len(task.eval),
+        "steps": engine.global_steps,
+        "samples": engine.global_samples,
+        "wall_seconds": round(time.time() - start, 2),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "world_size": dist.world_size(),
+        "zero_stage": 0,
+        "method": "peft-adalora",
+        "final_budget": sum(ranks.values()),
+        "budget_unit": "rank",
         "eval_history": history,
-    }  # fmt: skip
+    }
     if dist.is_main():
-        outputs.write_json(output_dir / "metrics.json", metrics)
-        outputs.write_json(output_dir / "allocation.json", ranks)
-        print(f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after "
-              f"{engine.global_steps} steps; final rank budget {sum(ranks.values())}; "
-              f"outputs in {output_dir}")  # fmt: skip
+        run.write_metrics(metrics)
+        run.write_ranks(ranks)
+        print(
+            f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after "
+            f"{engine.global_steps} steps; final rank budget {sum(ranks.values())}; "
+            f"outputs in {run.path}"
+        )
     dist.barrier()
     return metrics
 
@@ -145,14 +147,5 @@ def module_name(pattern_key: str) -> str:
     return name[: name.index(".lora_E")] if ".lora_E" in name else name
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        train(parse_args(argv))
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(train, None, __doc__.split("\n\n")[0]))

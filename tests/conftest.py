@@ -34,9 +34,13 @@ def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
 
     # what a launcher would export; DeepSpeed asserts on LOCAL_RANK
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size),
-        DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-    )  # fmt: skip
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_SIZE=str(world_size),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=180))
     finished = False
@@ -67,8 +71,9 @@ def run_distributed(tmp_path):
 
     def run(fn, *args, world_size: int = 2) -> None:
         store = f"file://{tmp_path / 'store'}"
-        mp.start_processes(_worker, args=(world_size, store, fn, args), nprocs=world_size, join=True,
-                           start_method="spawn")  # fmt: skip
+        mp.start_processes(
+            _worker, args=(world_size, store, fn, args), nprocs=world_size, join=True, start_method="spawn"
+        )
 
     return run
 
@@ -84,8 +89,13 @@ def l1ra_run(tmp_path_factory, tiny_model_dir, tiny_csv):
         if name not in runs:
             directory = tmp_path_factory.mktemp(f"l1ra-{name.removesuffix('.json')}")
             cfg, out = l1ra_config(directory, name), directory / "whole"
-            done = subprocess.run(l1ra_command(cfg, tiny_model_dir, tiny_csv, out), env=subprocess_env(),
-                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            done = subprocess.run(
+                l1ra_command(cfg, tiny_model_dir, tiny_csv, out),
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stderr[-4000:]
             runs[name] = cfg, out
         return runs[name]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ds_dynrank.dist import free_port  # noqa: F401 - the tests' rendezvous and SLURM daemon ports
+from ds_dynrank.launch_env import free_port  # noqa: F401 - the tests' rendezvous and SLURM daemon ports
 
 REPO = Path(__file__).resolve().parent.parent
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "charming", "funny"]
@@ -119,9 +119,13 @@ def tiny_ds_config(stage: int, *, accumulation: int = 2, scheduler_steps: int | 
     if scheduler_steps:
         config["scheduler"] = {
             "type": "WarmupDecayLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 2,
-                       "total_num_steps": scheduler_steps},
-        }  # fmt: skip
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": 1e-2,
+                "warmup_num_steps": 2,
+                "total_num_steps": scheduler_steps,
+            },
+        }
     return config
 
 
@@ -136,21 +140,15 @@ def assert_ranks_identical(directory: Path, prefix: str, stages) -> None:
                 assert torch.equal(a, b), f"ranks disagree on {key} under ZeRO-{stage}"
 
 
-def build_dynrank(stage: int, section: dict, *, scheduler_steps: int | None = 40, total_steps: int = 100,
-                  **dynrank_kwargs):  # fmt: skip
-    """Tiny Llama + adapters + DeepSpeed engine under ZeRO `stage` + DynRank, as launch/train.py wires them."""
-    import deepspeed
+def build_dynrank(
+    stage: int, section: dict, *, scheduler_steps: int | None = 40, total_steps: int = 2000, **initialize_kwargs
+):
+    """Tiny Llama + adapters + DeepSpeed engine under ZeRO `stage` + the controller, through the front door. The
+    default run length leaves room for `"schedule": {"start": 1000}`, the tests that force their own events."""
+    import ds_dynrank
 
-    from ds_dynrank import inject_lora
-    from ds_dynrank.config import from_ds_config
-    from ds_dynrank.hook import DynRank, optimizer_groups
-
-    cfg = from_ds_config({"dynrank": section})
-    model = tiny_llama(seed=0)
-    adapters = inject_lora(model, cfg)
-    config = tiny_ds_config(stage, scheduler_steps=scheduler_steps)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters), config=config)
-    return DynRank(engine, cfg, adapters, total_steps=total_steps, ds_config=config, **dynrank_kwargs)
+    config = {**tiny_ds_config(stage, scheduler_steps=scheduler_steps), "dynrank": section}
+    return ds_dynrank.initialize(tiny_llama(seed=0), config, total_steps=total_steps, **initialize_kwargs)
 
 
 def train_steps(dynrank, steps: int, rank: int, seed: int, accumulation: int = 2) -> list[float]:
@@ -199,7 +197,27 @@ def l1ra_config(directory: Path, name: str) -> str:
 
 def l1ra_command(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
     """The 2-process job under the DeepSpeed launcher: 12 steps, evaluated at 6 and 12, a checkpoint every 2."""
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
-            "--deepspeed", cfg, "--model", str(model), "--dataset", str(data), "--max_steps", str(L1RA_STEPS),
-            "--eval_interval", "6", "--eval_samples", "16", "--save_interval", "2",
-            "--output_dir", str(out)]  # fmt: skip
+    return [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "train.py"),
+        "--deepspeed",
+        cfg,
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--max_steps",
+        str(L1RA_STEPS),
+        "--eval_interval",
+        "6",
+        "--eval_samples",
+        "16",
+        "--save_interval",
+        "2",
+        "--output_dir",
+        str(out),
+    ]

@@ -93,9 +93,17 @@ class Cluster:
         key = self.root / "munge" / "munge.key"
         self._run(["mungekey", "--create", f"--keyfile={key}"])
         os.chmod(key, 0o400)
-        self._run(["munged", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-                   f"--pid-file={self.root / 'munged.pid'}", f"--log-file={self.root / 'munged.log'}",
-                   f"--seed-file={self.root / 'munge' / 'seed'}"])  # fmt: skip
+        self._run(
+            [
+                "munged",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'munged.pid'}",
+                f"--log-file={self.root / 'munged.log'}",
+                f"--seed-file={self.root / 'munge' / 'seed'}",
+            ]
+        )
         self.conf.write_text(slurm_conf(self.root, self.munge_socket))
         self._run(["slurmctld", "-f", str(self.conf)])
         for node in NODES:
@@ -110,8 +118,9 @@ class Cluster:
     def _wait_idle(self, timeout: float) -> None:
         deadline, out = time.time() + timeout, ""
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True,
-                                 text=True, timeout=30).stdout  # fmt: skip
+            out = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True, timeout=30
+            ).stdout
             if sorted(out.split()) == sorted([*NODES, "idle", "idle"]):
                 return
             time.sleep(0.5)
@@ -119,8 +128,9 @@ class Cluster:
 
     def submit(self, script: Path, args: list[str], *, env: dict[str, str], cwd: Path, output: Path) -> str:
         cmd = ["sbatch", "--parsable", f"--output={output}", "--export=ALL", str(script), *args]
-        result = subprocess.run(cmd, env={**env, "SLURM_CONF": str(self.conf)}, cwd=cwd, capture_output=True,
-                                text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            cmd, env={**env, "SLURM_CONF": str(self.conf)}, cwd=cwd, capture_output=True, text=True, timeout=60
+        )
         if result.returncode != 0:
             raise RuntimeError(f"sbatch failed: {result.stderr.strip()}\n{self.logs()}")
         return result.stdout.strip().split(";")[0]
@@ -129,8 +139,9 @@ class Cluster:
         """Poll `scontrol show job` (sbatch --wait polls at 2, 8, 32 s); the job's fields once it has ended."""
         deadline, fields = time.time() + timeout, {}
         while time.time() < deadline:
-            out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True,
-                                 text=True, timeout=30).stdout  # fmt: skip
+            out = subprocess.run(
+                ["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True, text=True, timeout=30
+            ).stdout
             fields = dict(re.findall(r"(\w+)=(\S*)", out))
             if fields.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
                 return fields

@@ -1,8 +1,10 @@
-"""What a method is to the engine hook, and the fixed-rank baseline that re-allocates nothing.
+"""What a method is to the controller: optimizer groups, what it observes while training, per-slot scores, a pure
+decision, and its own state.
 
-A method is a scorer (`after_boundary` accumulates, `local_scores` reads), a pure decision (`decide`, rank 0 only)
-and a schedule. The hook does all communication of the decision and all state surgery; a method only touches
-its own per-step state, identically on every rank.
+A method is math plus a context. It receives a `Context` (ds_dynrank/context.py) for the few impure things it needs,
+a sum over ranks, full fp32 values, an in-place master edit, reduced gradients, a forward, its share of the work,
+and it never imports `dist` or `zero`, nor asks which backend runs: after an event it is told where each slot went
+(`SlotMap`). The controller owns the event; the backend owns the reshape.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ds_dynrank.allocation import Plan, identity_plan
-from ds_dynrank.config import DynRankConfig
+from ds_dynrank.backends.base import SlotMap
 from ds_dynrank.lora import LoRALinear, adapter_parameters
 from ds_dynrank.schedule import Schedule, resolve_schedule
-from ds_dynrank.zero import StateIO
 
 Adapters = list[tuple[str, LoRALinear]]
 
@@ -28,23 +29,36 @@ class Bounds:
     cap_M: list[int]
     cost_M: list[int]
     unit: str
-    initial_budget: int = 0  # the budget in use when training started
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a decision sees besides the scores: where every module stands and what it must respect."""
+
+    step: int  # applied optimizer steps so far
+    total_steps: int
+    live: list[list[int]]  # live slots per module
+    capacity_M: list[int]
+    active: list[bool]
+    bounds: Bounds
+    initial_budget: int  # the budget in use when training started
 
 
 class Method:
-    """Fixed-rank LoRA: one optimizer group, nothing per step, never re-allocates."""
+    """The protocol, with the defaults of a method that never re-allocates (fixed-rank LoRA is exactly this)."""
 
     interval_ratio = 0.05  # default event spacing as a fraction of the run
-    score_reduction = "mean"  # how local scores combine across ranks: "mean" or "sum" (work split over ranks)
-    needs_validation = False  # scores need a fixed validation batch (DynRank(validation=...))
+    partial_scores = False  # True: each rank scored its share of the work, and the controller sums the shares
+    needs_validation = False  # scores need a fixed validation batch (initialize(..., validation=batch))
     uses_activity = False  # decides which modules train (Plan.active), not only their ranks
 
-    def __init__(self, cfg: DynRankConfig) -> None:
+    def __init__(self, cfg, *, validation: dict | None = None) -> None:
         self.cfg = cfg
-        self.validation: dict | None = None
+        self.validation = validation
 
-    def prepare(self, adapters: Adapters) -> None:
-        """Once, before deepspeed.initialize: set up the adapters (module allocation's initial active set)."""
+    def initial_activity(self, n_modules: int) -> list[bool] | None:
+        """Which modules train from the first step (None: all). Applied before DeepSpeed sees the parameters."""
+        return None
 
     def optimizer_groups(self, adapters: Adapters) -> list[dict]:
         """The `model_parameters` for deepspeed.initialize (and for every engine rebuild)."""
@@ -52,25 +66,27 @@ class Method:
 
     def schedule(self, total_steps: int, steps_per_epoch: int | None) -> Schedule:
         s = self.cfg.schedule
-        return resolve_schedule(s.start, s.interval, s.stop, total_steps=total_steps,
-                                interval_ratio=self.interval_ratio, kind=s.kind)  # fmt: skip
+        return resolve_schedule(
+            s.start, s.interval, s.stop, total_steps=total_steps, interval_ratio=self.interval_ratio, kind=s.kind
+        )
 
-    def on_attach(self, engine, adapters: Adapters) -> None:
-        """Called after deepspeed.initialize and after every engine rebuild (new layers: re-register hooks)."""
+    def attach(self, ctx, adapters: Adapters) -> None:
+        """After deepspeed.initialize and after every engine rebuild (new layers: register hooks again)."""
 
-    def after_boundary(self, engine, io: StateIO, adapters: Adapters, applied: bool) -> None:
-        """Called at every gradient-accumulation boundary on every rank; `applied` is False for a skipped step."""
+    def after_boundary(self, ctx, adapters: Adapters, applied: bool) -> None:
+        """At every gradient-accumulation boundary, on every rank; `applied` is False for a skipped step."""
 
-    def local_scores(self, engine, io: StateIO, adapters: Adapters) -> torch.Tensor:
-        """This rank's scores (fp32, 1-D); combined over ranks by `score_reduction` before the decision."""
+    def scores(self, ctx, adapters: Adapters) -> torch.Tensor:
+        """Per-slot scores [S] (fp32, 1-D, the modules' capacities back to back), the same on every rank unless
+        `partial_scores`, in which case the controller sums the ranks' shares."""
         return torch.zeros(sum(layer.capacity for _, layer in adapters))
 
-    def decide(self, scores: torch.Tensor, adapters: Adapters, bounds: Bounds, step: int) -> Plan:
-        """Pure: rank 0 runs it on the reduced scores."""
-        return identity_plan([layer.live_slots() for _, layer in adapters])
+    def decide(self, scores_S: torch.Tensor, event: Event) -> Plan:
+        """Pure: rank 0 runs it on the reduced scores, and the plan is broadcast."""
+        return identity_plan(event.live)
 
-    def after_apply(self, plan: Plan, live_before: list[list[int]], adapters: Adapters) -> None:
-        """Called on every rank once the broadcast plan is applied: re-index per-slot state, count choices."""
+    def after_event(self, plan: Plan, slots: SlotMap) -> None:
+        """On every rank, once the plan is applied: re-index per-slot state along `slots`, count choices."""
 
     def state_dict(self) -> dict:
         return {}
@@ -79,10 +95,11 @@ class Method:
         """Restore what state_dict returned (called after the engine loaded its checkpoint)."""
 
 
-class FixedRank(Method):
-    """Vanilla LoRA: the baseline every dynamic method is measured against."""
-
-
-def live_scores(scores_S: torch.Tensor, adapters: Adapters) -> list[torch.Tensor]:
+def live_scores(scores_S: torch.Tensor, capacity_M: list[int]) -> list[torch.Tensor]:
     """Split a flat [S] slot-score vector into one [R] tensor per module."""
-    return list(scores_S.split([layer.capacity for _, layer in adapters]))
+    return list(scores_S.split(capacity_M))
+
+
+def build_method(cfg, *, validation: dict | None = None) -> Method:
+    """The configured method, built from its registry entry (imports its torch code)."""
+    return cfg.spec.load()(cfg, validation=validation)

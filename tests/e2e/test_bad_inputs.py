@@ -21,27 +21,56 @@ def _config(tmp_path, **dynrank) -> str:
 
 
 CASES = {
-    "typo": (lambda tmp, m, d: ["--deepspeed", _config(tmp, lora_rank=4), "--model", m, "--dataset", d],
-             r"^error: dynrank\.lora_rank: unknown key \(known keys: method, target_modules, .*\)$"),
-    "negative_rank": (lambda tmp, m, d: ["--deepspeed", _config(tmp, r=-2), "--model", m, "--dataset", d],
-                      r"^error: dynrank\.r: Input should be greater than or equal to 1 \(got -2\)$"),
-    "missing_model": (lambda tmp, m, d: ["--model", str(tmp / "no_such_model"), "--dataset", d],
-                      r"^error: --model: local path not found: .*no_such_model$"),
-    "unknown_column": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--text_column", "review"],
-                       r"^error: --text_column: column 'review' not in the dataset \(its columns: text, label\)$"),
-    "missing_checkpoint": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--resume", str(tmp / "nothing")],
-                           r"^error: --resume: no checkpoint in .*nothing \(expected a 'latest' file or "),
-    "bad_flag_value": (lambda tmp, m, d: ["--model", m, "--dataset", d, "--max_steps", "0"],
-                       r"^error: --max_steps: must be >= 1, got 0$"),
-    "schedule_never_fires": (lambda tmp, m, d: ["--deepspeed", _config(tmp, method="l1ra", schedule={"start": 50}),
-                                                "--model", m, "--dataset", d, "--max_steps", "10"],
-                             r"^error: dynrank\.schedule: method 'l1ra' would first re-allocate at optimizer step 50, "
-                             r"but the run has 10 steps"),
-    "alora_val_too_large": (lambda tmp, m, d: ["--deepspeed", _config(tmp, method="alora",
-                                                                       alora={"val_samples": 5000}),
-                                               "--model", m, "--dataset", d],
-                            r"^error: dynrank\.alora\.val_samples: 5000 leaves no training data"),
-}  # fmt: skip
+    "typo": (
+        lambda tmp, m, d: ["--deepspeed", _config(tmp, lora_rank=4), "--model", m, "--dataset", d],
+        r"^error: dynrank\.lora_rank: unknown key \(known keys: method, target_modules, .*\)$",
+    ),
+    "negative_rank": (
+        lambda tmp, m, d: ["--deepspeed", _config(tmp, r=-2), "--model", m, "--dataset", d],
+        r"^error: dynrank\.r: Input should be greater than or equal to 1 \(got -2\)$",
+    ),
+    "missing_model": (
+        lambda tmp, m, d: ["--model", str(tmp / "no_such_model"), "--dataset", d],
+        r"^error: --model: local path not found: .*no_such_model$",
+    ),
+    "unknown_column": (
+        lambda tmp, m, d: ["--model", m, "--dataset", d, "--text_column", "review"],
+        r"^error: --text_column: column 'review' not in the dataset \(its columns: text, label\)$",
+    ),
+    "missing_checkpoint": (
+        lambda tmp, m, d: ["--model", m, "--dataset", d, "--resume", str(tmp / "nothing")],
+        r"^error: --resume: no checkpoint in .*nothing \(expected a 'latest' file or ",
+    ),
+    "bad_flag_value": (
+        lambda tmp, m, d: ["--model", m, "--dataset", d, "--max_steps", "0"],
+        r"^error: --max_steps: must be >= 1, got 0$",
+    ),
+    "schedule_never_fires": (
+        lambda tmp, m, d: [
+            "--deepspeed",
+            _config(tmp, method="l1ra", schedule={"start": 50}),
+            "--model",
+            m,
+            "--dataset",
+            d,
+            "--max_steps",
+            "10",
+        ],
+        r"^error: dynrank\.schedule: method 'l1ra' would first re-allocate at optimizer step 50, "
+        r"but the run has 10 steps",
+    ),
+    "alora_val_too_large": (
+        lambda tmp, m, d: [
+            "--deepspeed",
+            _config(tmp, method="alora", alora={"val_samples": 5000}),
+            "--model",
+            m,
+            "--dataset",
+            d,
+        ],
+        r"^error: dynrank\.alora\.val_samples: 5000 leaves no training data",
+    ),
+}
 
 
 @pytest.mark.e2e
@@ -61,8 +90,20 @@ def test_bad_input_is_one_clear_line(case, tiny_model_dir, tiny_csv, tmp_path):
 
 @pytest.mark.e2e
 def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_path):
-    cmd = ["deepspeed", "--num_gpus", "2", TRAIN, "--deepspeed", _config(tmp_path, r=0), "--model",
-           str(tiny_model_dir), "--dataset", str(tiny_csv), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        TRAIN,
+        "--deepspeed",
+        _config(tmp_path, r=0),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     errors = error_lines(result.stdout + result.stderr)
@@ -74,15 +115,31 @@ def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_p
 def test_checkpoint_of_another_model_or_config_is_refused(tiny_model_dir, tiny_csv, tmp_path):
     """A checkpoint whose adapters do not match this model and config: one line, exit 2, the checkpoint untouched."""
     out, env = tmp_path / "run", subprocess_env()
-    base = [PYTHON, TRAIN, "--model", str(tiny_model_dir), "--dataset", str(tiny_csv), "--max_steps", "2",
-            "--eval_interval", "0", "--eval_samples", "8", "--output_dir", str(out)]  # fmt: skip
-    first = subprocess.run([*base, "--deepspeed", _config(tmp_path)], env=env, capture_output=True, text=True,
-                           timeout=180)  # fmt: skip
+    base = [
+        PYTHON,
+        TRAIN,
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--max_steps",
+        "2",
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        "8",
+        "--output_dir",
+        str(out),
+    ]
+    first = subprocess.run(
+        [*base, "--deepspeed", _config(tmp_path)], env=env, capture_output=True, text=True, timeout=180
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     before = sorted(p.name for p in (out / "checkpoints" / "step2").iterdir())
     other = _config(tmp_path, target_modules=["q_proj", "v_proj"])
-    again = subprocess.run([*base, "--deepspeed", other, "--resume"], env=env, capture_output=True, text=True,
-                           timeout=180)  # fmt: skip
+    again = subprocess.run(
+        [*base, "--deepspeed", other, "--resume"], env=env, capture_output=True, text=True, timeout=180
+    )
     assert again.returncode == 2
     errors = error_lines(again.stderr)
     assert len(errors) == 1 and "adapts other modules than this model and config" in errors[0], again.stderr[-2000:]

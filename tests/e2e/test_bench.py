@@ -13,9 +13,28 @@ from helpers import REPO, free_port, subprocess_env
 @pytest.mark.e2e
 def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
     out = tmp_path / "bench.json"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "bench.py"),
-           "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--model", str(tiny_model_dir), "--dataset",
-           str(tiny_csv), "--steps", "6", "--warmup", "1", "--interval", "3", "--out", str(out)]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "bench.py"),
+        "--deepspeed",
+        str(REPO / "ds_configs" / "zero2.json"),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--steps",
+        "6",
+        "--warmup",
+        "1",
+        "--interval",
+        "3",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}

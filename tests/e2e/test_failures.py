@@ -35,10 +35,31 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny_
     out, env = tmp_path / "run", subprocess_env()
 
     def run(model, *extra):
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--deepspeed",
-               str(REPO / "ds_configs" / "zero2_l1ra.json"), "--model", str(model), "--dataset", str(tiny_csv),
-               "--max_steps", "6", "--eval_interval", "0", "--eval_samples", "16", "--save_interval", "2",
-               "--output_dir", str(out), *extra]  # fmt: skip
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--deepspeed",
+            str(REPO / "ds_configs" / "zero2_l1ra.json"),
+            "--model",
+            str(model),
+            "--dataset",
+            str(tiny_csv),
+            "--max_steps",
+            "6",
+            "--eval_interval",
+            "0",
+            "--eval_samples",
+            "16",
+            "--save_interval",
+            "2",
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
     first = run(tiny_model_dir, "--max_steps", "4")
@@ -61,13 +82,36 @@ def test_a_killed_process_does_not_hang_the_other(tiny_model_dir, tiny_csv, tmp_
     """Two ranks started directly (no launcher to clean up after them); rank 1 is killed with SIGKILL mid-run and
     rank 0 must exit with an error within the --dist_timeout it was given (plus start-up slack)."""
     port, timeout_s = free_port(), 20
-    args = [PYTHON, TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero2_l1ra.json"), "--model", str(tiny_model_dir),
-            "--dataset", str(tiny_csv), "--max_steps", "400", "--eval_interval", "0", "--eval_samples", "16",
-            "--output_dir", str(tmp_path / "run"), "--dist_timeout", str(timeout_s)]  # fmt: skip
+    args = [
+        PYTHON,
+        TRAIN,
+        "--deepspeed",
+        str(REPO / "ds_configs" / "zero2_l1ra.json"),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--max_steps",
+        "400",
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--dist_timeout",
+        str(timeout_s),
+    ]
     procs = []
     for rank in (0, 1):
-        env = subprocess_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        env = subprocess_env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.time() + 240

@@ -1,48 +1,94 @@
 """The HF Trainer integration, 2 processes under ZeRO-2: DynRankTrainer's callback drives L1RA's events at
-optimizer steps, ranks move with the budget held, and every rank ends with the same allocation."""
+optimizer steps, ranks move with the budget held, every rank ends with the same allocation, and a run resumed from
+one of Trainer's own checkpoints continues the allocation history exactly."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, subprocess_env
+from helpers import PYTHON, REPO, free_port, subprocess_env
+
+STEPS, SAVE_EVERY = 12, 4
 
 
-@pytest.mark.e2e
-def test_trainer_drives_l1ra_and_ranks_agree(tiny_model_dir, tiny_csv, tmp_path):
+def _command(cfg, model, data, out, *extra: str) -> list[str]:
+    return [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "train_hf.py"),
+        "--deepspeed",
+        str(cfg),
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--max_steps",
+        str(STEPS),
+        "--save_steps",
+        str(SAVE_EVERY),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory, tiny_model_dir, tiny_csv):
+    """The uninterrupted Trainer run (checkpoints every 4 steps) the tests below read: (config, output dir)."""
+    directory = tmp_path_factory.mktemp("hf")
     cfg = json.loads((REPO / "ds_configs" / "hf_zero2_l1ra.json").read_text())
     assert "optimizer" not in cfg  # Trainer builds it, with L1RA's gate group
     cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
     cfg["dynrank"]["schedule"].update(interval=2)
-    path = tmp_path / "hf.json"
+    path = directory / "hf.json"
     path.write_text(json.dumps(cfg))
-    out = tmp_path / "run"
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        str(REPO / "launch" / "train_hf.py"),
-        "--deepspeed",
-        str(path),
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_csv),
-        "--max_steps",
-        "12",
-        "--output_dir",
-        str(out),
-    ]
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = directory / "whole"
+    result = subprocess.run(
+        _command(path, tiny_model_dir, tiny_csv, out),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
+    return path, out
+
+
+def _events(out) -> list[tuple]:
+    history = json.loads((out / "allocation_history.json").read_text())
+    return [(h["step"], h["ranks"], h["budget"], h["slots_changed"]) for h in history]
+
+
+@pytest.mark.e2e
+def test_trainer_drives_l1ra_and_ranks_agree(trainer_run):
+    _, out = trainer_run
     history = json.loads((out / "allocation_history.json").read_text())
     assert [h["step"] for h in history] == [0, 2, 4, 6, 8, 10]  # optimizer steps, driven by the callback
     assert {h["budget"] for h in history} == {14 * 8}
     assert any(h["ranks"] != history[0]["ranks"] for h in history[1:]), "ranks never moved"
     per_rank = [json.loads((out / f"allocation_rank{r}.json").read_text()) for r in range(2)]
     assert per_rank[0] == per_rank[1] == history[-1]["ranks"]
+
+
+@pytest.mark.e2e
+def test_trainer_resumes_the_allocation_from_its_own_checkpoint(trainer_run, tiny_model_dir, tiny_csv, tmp_path):
+    cfg, whole = trainer_run
+    assert (whole / "checkpoint-8" / "dynrank_state.pt").is_file()  # written beside Trainer's own files
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-8", resumed / "checkpoint-8")  # as if the job had stopped after step 8
+    cmd = _command(cfg, tiny_model_dir, tiny_csv, resumed, "--resume")
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert _events(resumed) == _events(whole)  # steps, ranks, budget and slots moved: the same history
+    per_rank = [json.loads((resumed / f"allocation_rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank[0] == per_rank[1] == json.loads((whole / "allocation_rank0.json").read_text())
 
 
 @pytest.mark.e2e

@@ -22,9 +22,26 @@ def test_l1ra_moves_ranks_and_holds_the_budget(tiny_model_dir, tiny_csv, tmp_pat
     path = tmp_path / "l1ra.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", TRAIN, "--deepspeed", str(path), "--model", str(tiny_model_dir),
-           "--dataset", str(tiny_csv), "--max_steps", "12", "--eval_interval", "0", "--eval_samples", "16",
-           "--output_dir", str(out)]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        TRAIN,
+        "--deepspeed",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--max_steps",
+        "12",
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     history = json.loads((out / "allocation_history.json").read_text())
@@ -54,9 +71,30 @@ def test_l1ra_physical_backend_under_zero3_with_torchrun(tiny_model_dir, tiny_cs
     path = tmp_path / "l1ra_physical.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29533", TRAIN,
-           "--deepspeed", str(path), "--model", str(tiny_model_dir), "--dataset", str(tiny_csv), "--max_steps", "8",
-           "--eval_interval", "4", "--eval_samples", "16", "--output_dir", str(out)]  # fmt: skip
+    cmd = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "29533",
+        TRAIN,
+        "--deepspeed",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--max_steps",
+        "8",
+        "--eval_interval",
+        "4",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     history = json.loads((out / "allocation_history.json").read_text())

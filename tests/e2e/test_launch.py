@@ -21,8 +21,22 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def _job_args(config: str, model: Path, data: Path, out: Path) -> list[str]:
-    return ["--deepspeed", str(REPO / "ds_configs" / config), "--model", str(model), "--dataset", str(data),
-            "--max_steps", "6", "--eval_interval", "3", "--eval_samples", "16", "--output_dir", str(out)]  # fmt: skip
+    return [
+        "--deepspeed",
+        str(REPO / "ds_configs" / config),
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--max_steps",
+        "6",
+        "--eval_interval",
+        "3",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
 
 
 def _tensorboard_tags(out: Path) -> dict[str, list[tuple[int, float]]]:
@@ -41,8 +55,14 @@ def _check_export_from_checkpoint(out: Path) -> None:
     from safetensors.torch import load_file
 
     again = out / "exported_again"
-    result = subprocess.run([PYTHON, "-m", "ds_dynrank", "export", str(out), str(again)], cwd=REPO,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [PYTHON, "-m", "ds_dynrank", "export", str(out), str(again)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((d / "adapter_config.json").read_text()) for d in (out / "adapter", again))
     for config in (first, second):  # PEFT keeps target_modules as a set: its order in the file is arbitrary
@@ -77,8 +97,14 @@ def _check_outputs(out: Path, world: int, stage: int) -> dict:
     assert adapter["peft_type"] == "LORA" and adapter["rank_pattern"] == allocation
     _check_export_from_checkpoint(out)
     tags = _tensorboard_tags(out)
-    for tag in ("Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/samples_per_sec", "Eval/accuracy",
-                "Eval/eval_loss", "DynRank/budget/rank_total"):  # fmt: skip
+    for tag in (
+        "Train/Samples/train_loss",
+        "Train/Samples/lr",
+        "Train/Samples/samples_per_sec",
+        "Eval/accuracy",
+        "Eval/eval_loss",
+        "DynRank/budget/rank_total",
+    ):
         assert tag in tags, f"missing TensorBoard tag {tag}; have {sorted(tags)}"
     assert len(tags["Train/Samples/train_loss"]) == 6
     assert all(f"DynRank/rank/{name}" in tags for name in allocation)

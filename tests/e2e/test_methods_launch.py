@@ -36,10 +36,29 @@ def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name:
     path.write_text(json.dumps(cfg))
     out = tmp_path / out_name
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN, "--deepspeed", str(path),
-           "--model", str(tiny_model_dir),
-           "--dataset", str(tiny_csv), "--max_steps", str(steps), "--eval_interval", "0", "--eval_samples", "16",
-           "--output_dir", str(out), *extra]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        TRAIN,
+        "--deepspeed",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--max_steps",
+        str(steps),
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     checksums = set(re.findall(r"allocation checksum (\w+) \(rank \d\)", result.stdout))
@@ -98,8 +117,9 @@ def test_physical_modalloc_under_zero3_resumes_exactly(tiny_model_dir, tiny_csv,
     assert metrics["trainable_parameters"] == metrics["trainable_parameters_active"]
     meta = json.loads((full / "checkpoints" / "step5" / "dynrank_allocation.json").read_text())
     assert sum(meta["active"].values()) == round(2 * N_MODULES / 3)
-    resumed, _ = launch(cfg, tmp_path, tiny_model_dir, tiny_csv, "--resume", str(full / "checkpoints" / "step5"),
-                        out_name="full")  # fmt: skip
+    resumed, _ = launch(
+        cfg, tmp_path, tiny_model_dir, tiny_csv, "--resume", str(full / "checkpoints" / "step5"), out_name="full"
+    )
 
     def timeless(entries: list[dict]) -> list[dict]:
         return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]

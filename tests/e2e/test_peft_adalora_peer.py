@@ -20,9 +20,28 @@ def test_peft_adalora_reaches_its_target_budget(tiny_model_dir, tiny_csv, tmp_pa
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), SCRIPT, "--deepspeed", str(path),
-           "--model", str(tiny_model_dir), "--dataset", str(tiny_csv), "--max_steps", "10", "--eval_interval", "0",
-           "--eval_samples", "16", "--output_dir", str(out)]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        SCRIPT,
+        "--deepspeed",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--max_steps",
+        "10",
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())

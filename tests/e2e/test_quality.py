@@ -14,9 +14,24 @@ from helpers import PYTHON, REPO, subprocess_env
 @pytest.mark.e2e
 def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_path):
     out = tmp_path / "quality"
-    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(out), "--tasks", str(tiny_csv), "--methods",
-           "lora,modalloc-uniform,peft-adalora", "--seeds", "0", "--max_steps", "6", "--eval_samples", "16",
-           "--model", str(tiny_model_dir)]  # fmt: skip
+    cmd = [
+        PYTHON,
+        str(REPO / "launch" / "quality.py"),
+        "--out",
+        str(out),
+        "--tasks",
+        str(tiny_csv),
+        "--methods",
+        "lora,modalloc-uniform,peft-adalora",
+        "--seeds",
+        "0",
+        "--max_steps",
+        "6",
+        "--eval_samples",
+        "16",
+        "--model",
+        str(tiny_model_dir),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.loads((out / "quality.json").read_text())["table"][tiny_csv.stem]
@@ -45,12 +60,28 @@ def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_pat
 @pytest.mark.e2e
 def test_quality_validation_sweep_never_reads_the_test_split(tiny_model_dir, tiny_csv, tmp_path):
     """--validation trains and scores inside the training split; a method's overrides reach its config section."""
-    from ds_dynrank.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
+    from ds_dynrank.task.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
 
     out = tmp_path / "sweep"
-    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(out), "--tasks", str(tiny_csv), "--validation",
-           "--methods", "l1ra+l1_lambda=0.05+gate_lr=0.2", "--seeds", "0", "--max_steps", "4", "--eval_samples", "0",
-           "--model", str(tiny_model_dir)]  # fmt: skip
+    cmd = [
+        PYTHON,
+        str(REPO / "launch" / "quality.py"),
+        "--out",
+        str(out),
+        "--tasks",
+        str(tiny_csv),
+        "--validation",
+        "--methods",
+        "l1ra+l1_lambda=0.05+gate_lr=0.2",
+        "--seeds",
+        "0",
+        "--max_steps",
+        "4",
+        "--eval_samples",
+        "0",
+        "--model",
+        str(tiny_model_dir),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     name = f"{tiny_csv.stem}-validation"
@@ -71,8 +102,16 @@ def test_quality_validation_sweep_never_reads_the_test_split(tiny_model_dir, tin
 @pytest.mark.e2e
 def test_quality_rejects_a_bad_method_override_before_any_run(tmp_path):
     """The command's side: exit 2 naming the field, nothing started (each bad spec: tests/unit)."""
-    cmd = [PYTHON, str(REPO / "launch" / "quality.py"), "--out", str(tmp_path), "--methods", "lora,l1ra+l1_lambda=-1",
-           "--seeds", "0"]  # fmt: skip
+    cmd = [
+        PYTHON,
+        str(REPO / "launch" / "quality.py"),
+        "--out",
+        str(tmp_path),
+        "--methods",
+        "lora,l1ra+l1_lambda=-1",
+        "--seeds",
+        "0",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "l1_lambda" in result.stderr, result.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # the valid lora run did not start either: nothing written

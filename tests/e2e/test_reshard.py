@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import L1RA_STEPS, PYTHON, REPO, subprocess_env
 
-from ds_dynrank.zero import consolidated_state
+from ds_dynrank.zero.checkpoint import consolidated_state
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -23,24 +23,54 @@ def test_two_process_checkpoint_resumes_on_one_process(name, tiny_model_dir, tin
     env, last = subprocess_env(), f"step{L1RA_STEPS}"
 
     def args(out, steps):
-        return [TRAIN, "--deepspeed", cfg, "--model", str(tiny_model_dir), "--dataset", str(tiny_csv),
-                "--max_steps", str(steps), "--eval_interval", "0", "--eval_samples", "16",
-                "--output_dir", str(out)]  # fmt: skip
+        return [
+            TRAIN,
+            "--deepspeed",
+            cfg,
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(tiny_csv),
+            "--max_steps",
+            str(steps),
+            "--eval_interval",
+            "0",
+            "--eval_samples",
+            "16",
+            "--output_dir",
+            str(out),
+        ]
 
-    refused = subprocess.run([PYTHON, *args(tmp_path / "x", L1RA_STEPS), "--resume", str(two)], env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    refused = subprocess.run(
+        [PYTHON, *args(tmp_path / "x", L1RA_STEPS), "--resume", str(two)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and "python -m ds_dynrank reshard" in refused.stderr
 
-    converted = subprocess.run([PYTHON, "-m", "ds_dynrank", "reshard", str(two)], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    converted = subprocess.run(
+        [PYTHON, "-m", "ds_dynrank", "reshard", str(two)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert converted.returncode == 0, converted.stderr[-3000:]
     universal = two / "checkpoints" / f"{last}_universal"
     assert universal.is_dir() and f"--resume {universal}" in converted.stdout
 
     # resume at the checkpoint's own step: nothing trains, and the final checkpoint is the loaded state
     one = tmp_path / "one"
-    same = subprocess.run([PYTHON, *args(one, L1RA_STEPS), "--resume", str(universal)], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    same = subprocess.run(
+        [PYTHON, *args(one, L1RA_STEPS), "--resume", str(universal)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert same.returncode == 0, same.stderr[-3000:]
     saved, loaded = consolidated_state(two / "checkpoints", last), consolidated_state(one / "checkpoints", last)
     assert saved.keys() == loaded.keys()
@@ -51,8 +81,13 @@ def test_two_process_checkpoint_resumes_on_one_process(name, tiny_model_dir, tin
     assert strip(json.loads((one / "allocation_history.json").read_text())) == strip(history)
 
     # and training goes on, one process, events included
-    more = subprocess.run([PYTHON, *args(one, L1RA_STEPS + 4), "--resume", str(universal)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    more = subprocess.run(
+        [PYTHON, *args(one, L1RA_STEPS + 4), "--resume", str(universal)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert more.returncode == 0, more.stderr[-3000:]
     metrics = json.loads((one / "metrics.json").read_text())
     assert metrics["steps"] == L1RA_STEPS + 4 and metrics["world_size"] == 1

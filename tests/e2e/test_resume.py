@@ -45,8 +45,13 @@ def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, c
 
     broken = tmp_path / "broken"
     latest = broken / "checkpoints" / "latest"
-    proc = subprocess.Popen(l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        l1ra_command(cfg, tiny_model_dir, tiny_csv, broken),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while not (latest.is_file() and latest.read_text() in ("step4", "step6")) and time.time() < deadline:
@@ -59,8 +64,13 @@ def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, c
     killed_at = latest.read_text()
     assert not (broken / "metrics.json").exists()
 
-    resumed = subprocess.run([*l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), "--resume"], env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [*l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert latest.read_text() == f"step{L1RA_STEPS}"
     history = _history(whole)

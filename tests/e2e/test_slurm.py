@@ -54,8 +54,22 @@ def _l1ra_config(tmp_path) -> str:
 
 
 def _train_args(config: str, model, data, out, steps: int = 8) -> list[str]:
-    return ["--deepspeed", config, "--model", str(model), "--dataset", str(data), "--max_steps", str(steps),
-            "--eval_interval", "0", "--eval_samples", "16", "--output_dir", str(out)]  # fmt: skip
+    return [
+        "--deepspeed",
+        config,
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--max_steps",
+        str(steps),
+        "--eval_interval",
+        "0",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
 
 
 def _checksums(log: str) -> dict[int, str]:
@@ -67,8 +81,9 @@ def test_sbatch_two_nodes_l1ra(cluster, tiny_model_dir, tiny_csv, tmp_path):
     """launch/slurm/train.sbatch, 2 nodes x 1 task: ranks move, one TensorBoard file, the same allocation on both."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     # node names do not resolve on this machine; the script takes MASTER_ADDR from the environment when set
-    env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(free_port()))  # fmt: skip
+    env = subprocess_env(
+        PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
     args = _train_args(_l1ra_config(tmp_path), tiny_model_dir, tiny_csv, out)
     job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
     fields = cluster.wait(job, timeout=240)
@@ -92,8 +107,9 @@ def test_sbatch_two_nodes_l1ra(cluster, tiny_model_dir, tiny_csv, tmp_path):
 def test_srun_mpi_pmix_two_nodes(cluster, tiny_model_dir, tiny_csv, tmp_path):
     """launch/slurm/mpi.sbatch: `srun --mpi=pmix` across the two nodes, ranks read from SLURM's environment."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(free_port()))  # fmt: skip
+    env = subprocess_env(
+        PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
     args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, out, steps=4)
     job = cluster.submit(REPO / "launch" / "slurm" / "mpi.sbatch", args, env=env, cwd=tmp_path, output=log)
     fields = cluster.wait(job, timeout=240)
@@ -116,16 +132,22 @@ def test_deepspeed_per_node_mpirun_and_single_node_sbatch(cluster, tiny_model_di
         "OMPI_MCA_btl_tcp_if_include": "lo",
         "OMPI_MCA_oob_tcp_if_include": "lo",
     }
-    jobs = {"deepspeed": ({"HOSTFILE": str(tmp_path / "hostfile")}, "deepspeed.sbatch"),
-            "mpirun": (mpirun, "mpi.sbatch"), "single_node": ({}, "single_node.sbatch")}  # fmt: skip
+    jobs = {
+        "deepspeed": ({"HOSTFILE": str(tmp_path / "hostfile")}, "deepspeed.sbatch"),
+        "mpirun": (mpirun, "mpi.sbatch"),
+        "single_node": ({}, "single_node.sbatch"),
+    }
     submitted = {}
     for name, (extra, script) in jobs.items():
-        env = subprocess_env(PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=str(free_port()), **extra)  # fmt: skip
+        env = subprocess_env(
+            PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **extra
+        )
         args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, tmp_path / name, 2)
         log = tmp_path / f"{name}.out"
-        submitted[name] = (cluster.submit(REPO / "launch" / "slurm" / script, args, env=env, cwd=tmp_path,
-                                          output=log), log)  # fmt: skip
+        submitted[name] = (
+            cluster.submit(REPO / "launch" / "slurm" / script, args, env=env, cwd=tmp_path, output=log),
+            log,
+        )
     for name, (job, log) in submitted.items():
         fields = cluster.wait(job, timeout=240)
         text = log.read_text()
@@ -143,10 +165,34 @@ def test_mpirun_two_processes(packages, tiny_model_dir, tiny_csv, tmp_path):
     out = tmp_path / "run"
     env = subprocess_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", MASTER_PORT=str(free_port()))
     args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, out, steps=4)
-    cmd = ["mpirun", "-np", "2", "--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo",
-           "-x", "PYTHONPATH", "-x", "MASTER_PORT", "-x", "DS_ACCELERATOR", "-x", "GLOO_SOCKET_IFNAME",
-           "-x", "OMP_NUM_THREADS", "-x", "HF_HUB_OFFLINE", "-x", "TORCH_EXTENSIONS_DIR",
-           PYTHON, TRAIN, *args]  # fmt: skip
+    cmd = [
+        "mpirun",
+        "-np",
+        "2",
+        "--mca",
+        "btl",
+        "self,vader",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "MASTER_PORT",
+        "-x",
+        "DS_ACCELERATOR",
+        "-x",
+        "GLOO_SOCKET_IFNAME",
+        "-x",
+        "OMP_NUM_THREADS",
+        "-x",
+        "HF_HUB_OFFLINE",
+        "-x",
+        "TORCH_EXTENSIONS_DIR",
+        PYTHON,
+        TRAIN,
+        *args,
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"STDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
     sums = _checksums(result.stdout)
@@ -156,13 +202,27 @@ def test_mpirun_two_processes(packages, tiny_model_dir, tiny_csv, tmp_path):
 
 
 INCONSISTENT = {
-    "srun_without_master": ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
-                             "SLURM_STEP_TASKS_PER_NODE": "1(x2)"},
-                            r"^error: distributed launch: MASTER_ADDR not set for a multi-node run"),
-    "mpirun_world_mismatch": ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "WORLD_SIZE": "4",
-                               "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
-                              r"^error: distributed launch: WORLD_SIZE=4 but the launcher started 2 tasks$"),
-}  # fmt: skip
+    "srun_without_master": (
+        {
+            "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+            "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+        },
+        r"^error: distributed launch: MASTER_ADDR not set for a multi-node run",
+    ),
+    "mpirun_world_mismatch": (
+        {
+            "OMPI_COMM_WORLD_RANK": "0",
+            "OMPI_COMM_WORLD_SIZE": "2",
+            "WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        },
+        r"^error: distributed launch: WORLD_SIZE=4 but the launcher started 2 tasks$",
+    ),
+}
 
 
 @pytest.mark.e2e

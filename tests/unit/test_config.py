@@ -103,7 +103,7 @@ def test_shipped_configs_validate_and_resolve(path, tmp_path):
     assert isinstance(cfg, DynRankConfig)
     check_deepspeed_compat(cfg, raw)
     if cfg.dynamic:  # the shipped schedule fires within the default 60-step run (375 steps per epoch there)
-        from ds_dynrank.methods import build_method
+        from ds_dynrank.methods.base import build_method
         from ds_dynrank.schedule import check_fits
 
         schedule = build_method(cfg).schedule(60, 375)
@@ -139,9 +139,13 @@ def test_readme_config_table_matches_schema():
 
 @pytest.mark.parametrize(
     ("optimizer", "ok"),
-    [({"type": "AdamW", "params": {"weight_decay": 0.0}}, True), ({"type": "AdamW", "params": {}}, False),
-     ({"type": "AdamW", "params": {"weight_decay": 0.1}}, False), ({"type": "Adam", "params": {}}, True)],
-)  # fmt: skip
+    [
+        ({"type": "AdamW", "params": {"weight_decay": 0.0}}, True),
+        ({"type": "AdamW", "params": {}}, False),
+        ({"type": "AdamW", "params": {"weight_decay": 0.1}}, False),
+        ({"type": "Adam", "params": {}}, True),
+    ],
+)
 def test_masked_module_allocation_refuses_weight_decay(optimizer, ok):
     raw = {"optimizer": optimizer, "dynrank": {"method": "modalloc"}}
     if ok:
@@ -154,7 +158,7 @@ def test_masked_module_allocation_refuses_weight_decay(optimizer, ok):
 
 
 def test_a_schedule_that_never_fires_in_the_run_is_refused():
-    from ds_dynrank.methods import build_method
+    from ds_dynrank.methods.base import build_method
     from ds_dynrank.schedule import check_fits
 
     cfg = from_ds_config({"dynrank": {"method": "alora"}})
@@ -167,10 +171,8 @@ def test_a_schedule_that_never_fires_in_the_run_is_refused():
 def test_a_method_that_needs_a_validation_batch_without_one_is_refused():
     from helpers import tiny_llama
 
-    from ds_dynrank import inject_lora
-    from ds_dynrank.hook import DynRank
+    import ds_dynrank
 
-    cfg = from_ds_config({"dynrank": {"method": "alora"}})
-    adapters = inject_lora(tiny_llama(), cfg)
+    config = {"train_micro_batch_size_per_gpu": 1, "dynrank": {"method": "alora", "schedule": {"start": 2}}}
     with pytest.raises(UserInputError, match=r"dynrank\.method: 'alora' scores ranks on a validation batch"):
-        DynRank(None, cfg, adapters, total_steps=100)  # refused before the engine is even looked at
+        ds_dynrank.initialize(tiny_llama(), config, total_steps=100)  # refused before DeepSpeed is even started

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import sentences, tiny_llama
 
-from ds_dynrank.data import IGNORE, build_task, collate_train, shard_for_rank
 from ds_dynrank.errors import UserInputError
-from ds_dynrank.evaluation import candidate_logprobs
+from ds_dynrank.task.data import IGNORE, build_task, collate_train, shard_for_rank
+from ds_dynrank.task.evaluation import candidate_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,10 @@ def test_csv_json_parquet_and_saved_dir_give_the_same_task(tokenizer, tiny_csv, 
     table = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
     table.to_parquet(str(tmp_path / "d.parquet"))
     table.save_to_disk(str(tmp_path / "saved"))
-    tasks = [build_task(tokenizer, str(p), max_length=48) for p in
-             (tiny_csv, tmp_path / "d.jsonl", tmp_path / "d.parquet", tmp_path / "saved")]  # fmt: skip
+    tasks = [
+        build_task(tokenizer, str(p), max_length=48)
+        for p in (tiny_csv, tmp_path / "d.jsonl", tmp_path / "d.parquet", tmp_path / "saved")
+    ]
     for task in tasks:
         assert task.label_names == ["negative", "positive"]
         assert len(task.train) == 72 and len(task.eval) == 24
@@ -40,8 +42,9 @@ def test_csv_json_parquet_and_saved_dir_give_the_same_task(tokenizer, tiny_csv, 
 def test_class_label_names_and_own_test_split(tokenizer, tmp_path):
     import datasets
 
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "y": datasets.ClassLabel(names=["bad", "good"])})  # fmt: skip
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "y": datasets.ClassLabel(names=["bad", "good"])}
+    )
     rows = {"sentence": [t for t, _ in sentences(40)], "y": [int(y == "positive") for _, y in sentences(40)]}
     dd = datasets.DatasetDict(
         train=datasets.Dataset.from_dict(rows, features=features),
@@ -89,8 +92,11 @@ def test_truncation_keeps_the_question(tokenizer, tiny_csv):
 
 
 def test_collate_puts_loss_on_label_tokens_only():
-    batch = collate_train([{"prompt_ids": [5, 6, 7], "label": 1}, {"prompt_ids": [5], "label": 0}],
-                          candidate_ids=[[9], [10, 11]], pad_id=0)  # fmt: skip
+    batch = collate_train(
+        [{"prompt_ids": [5, 6, 7], "label": 1}, {"prompt_ids": [5], "label": 0}],
+        candidate_ids=[[9], [10, 11]],
+        pad_id=0,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 10, 11], [5, 9, 0, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE] * 3 + [10, 11], [IGNORE, 9] + [IGNORE] * 3]
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
@@ -118,7 +124,7 @@ def test_single_token_fast_path_equals_full_scoring():
 def test_second_benchmark_task_loads_by_name(tokenizer):
     """`--dataset wiki-uncertainty`: the CoNLL-2010 Wikipedia uncertainty sentences, built offline by
     `python -m ds_dynrank prepare` (launch/setup.sh), with their own prompt."""
-    from ds_dynrank import assets
+    from ds_dynrank.task import assets
 
     csv_path = assets.uncertainty_dataset_csv()
     lines = csv_path.read_text().splitlines()

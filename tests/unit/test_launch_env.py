@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from ds_dynrank.dist import check_launch_env, launch_env
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.launch_env import check_launch_env, launch_env
 
-SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
-             "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "MASTER_ADDR": "node1"}  # fmt: skip
-MPIRUN_RANK = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-               "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}  # fmt: skip
+SRUN_TASK = {
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "3",
+    "SLURM_NTASKS": "4",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "MASTER_ADDR": "node1",
+}
+MPIRUN_RANK = {
+    "OMPI_COMM_WORLD_RANK": "1",
+    "OMPI_COMM_WORLD_SIZE": "2",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+}
 
 
 def test_a_launcher_that_set_rank_is_left_alone():
@@ -19,13 +30,25 @@ def test_a_launcher_that_set_rank_is_left_alone():
 
 
 def test_srun_task_maps_to_rank_world_local():
-    assert launch_env(SRUN_TASK) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
-                                     "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}  # fmt: skip
+    assert launch_env(SRUN_TASK) == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "2",
+        "MASTER_ADDR": "node1",
+        "MASTER_PORT": "29500",
+    }
 
 
 def test_uneven_tasks_per_node_take_this_nodes_count():
-    env = {**SRUN_TASK, "SLURM_NTASKS": "5", "SLURM_PROCID": "4", "SLURM_NODEID": "2", "SLURM_LOCALID": "0",
-           "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}  # fmt: skip
+    env = {
+        **SRUN_TASK,
+        "SLURM_NTASKS": "5",
+        "SLURM_PROCID": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2),1",
+    }
     assert launch_env(env)["LOCAL_SIZE"] == "1"
 
 
@@ -37,8 +60,13 @@ def test_the_batch_shell_and_one_task_steps_stay_single_process():
 
 def test_mpirun_on_one_host_defaults_to_loopback():
     assert launch_env({**MPIRUN_RANK, "MASTER_PORT": "29611"}) == {
-        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29611"}  # fmt: skip
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29611",
+    }
 
 
 def test_mpirun_wins_over_the_srun_step_it_runs_in():

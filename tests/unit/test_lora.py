@@ -9,8 +9,8 @@ import torch
 from helpers import tiny_llama
 from torch import nn
 
-from ds_dynrank import DynRankConfig, inject_lora, iter_lora, lora_parameters
-from ds_dynrank.lora import LoRALinear
+from ds_dynrank import DynRankConfig, inject_lora, iter_lora
+from ds_dynrank.lora import LoRALinear, adapter_parameters
 
 
 def _randomise(layer: LoRALinear, seed: int = 1) -> None:
@@ -78,13 +78,23 @@ def _peft_pair(model_fn, peft_kwargs: dict, ours: DynRankConfig):
             DynRankConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True),
         ),
         (
-            dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
-                 alpha_pattern={"q_proj": 3}),
-            DynRankConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
-                          alpha_pattern={"q_proj": 3}),
+            dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                rank_pattern={"v_proj": 2},
+                alpha_pattern={"q_proj": 3},
+            ),
+            DynRankConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                rank_pattern={"v_proj": 2},
+                alpha_pattern={"q_proj": 3},
+            ),
         ),
     ],
-)  # fmt: skip
+)
 def test_equivalent_to_peft_lora_on_llama(peft_kwargs, ours):
     reference, model = _peft_pair(lambda: tiny_llama(seed=5), peft_kwargs, ours)
     ids = torch.randint(0, 128, (2, 11))
@@ -123,7 +133,7 @@ def test_gradients_reach_adapters_only_and_masked_slots_get_exact_zero():
     assert probe.rank == 3 and probe.capacity == 6
     loss = model(input_ids=torch.randint(0, 128, (2, 10)), labels=torch.randint(0, 128, (2, 10))).loss
     loss.backward()
-    trainable = {id(p) for p in lora_parameters(model)}
+    trainable = {id(p) for p in adapter_parameters(iter_lora(model))}
     for name, p in model.named_parameters():
         if id(p) in trainable:
             assert p.requires_grad and p.grad is not None, name

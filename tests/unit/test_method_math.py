@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_dynrank import strategies
 from ds_dynrank.allocation import Plan, alora_plan, cubic_budget, top_budget_plan
+from ds_dynrank.context import shard
 from ds_dynrank.lora import LoRALinear
-from ds_dynrank.methods.alora import ALONE, WITHOUT, ablation_factors, shard
+from ds_dynrank.methods.alora.method import ALONE, WITHOUT, ablation_factors
+from ds_dynrank.methods.modalloc import strategies
 from ds_dynrank.scores import (
     ablation_importance,
     element_score,
@@ -63,8 +64,13 @@ def test_alora_round_prunes_lowest_and_spreads_to_untouched_modules_by_mean_impo
     assert plan.grow == (0, 0, 1, 1)
     assert sum(plan.ranks) == 9
     # 3 freed over 2 untouched modules: the higher mean importance takes the odd one (the paper's 3/3/2 rule)
-    imp = [torch.tensor([0.1, 5.0]), torch.tensor([0.2, 5.0]), torch.tensor([0.3, 5.0]), torch.tensor([4.0, 4.0]),
-           torch.tensor([6.0, 6.0])]  # fmt: skip
+    imp = [
+        torch.tensor([0.1, 5.0]),
+        torch.tensor([0.2, 5.0]),
+        torch.tensor([0.3, 5.0]),
+        torch.tensor([4.0, 4.0]),
+        torch.tensor([6.0, 6.0]),
+    ]
     plan = alora_plan(imp, [[0, 1]] * 5, n_prune=3, floor=1, cap_M=[6] * 5, cost_M=[1] * 5)
     assert plan.grow == (0, 0, 0, 1, 2) and sum(plan.ranks) == 10
 
@@ -135,8 +141,14 @@ def test_random_strategies_pick_k_distinct_and_are_deterministic_per_seed(name):
         picks.append(strategies.select(name, IMPORTANCE, k=3, p=0.9, times_chosen_M=counts, generator=gen))
     assert all(sum(p) == 3 for p in picks)
     assert picks[0] == picks[1]
-    draws = {tuple(strategies.select(name, IMPORTANCE, k=3, p=0.9, times_chosen_M=counts,
-                                     generator=torch.Generator().manual_seed(s))) for s in range(30)}  # fmt: skip
+    draws = {
+        tuple(
+            strategies.select(
+                name, IMPORTANCE, k=3, p=0.9, times_chosen_M=counts, generator=torch.Generator().manual_seed(s)
+            )
+        )
+        for s in range(30)
+    }
     assert len(draws) > 1  # really random across seeds
 
 

@@ -26,10 +26,12 @@ def test_every_method_builds_a_config_the_job_accepts(method):
 
 @pytest.mark.parametrize(
     ("spec", "section", "expected"),
-    [("l1ra+l1_lambda=0.05+gate_lr=0.2", "l1ra", {"l1_lambda": 0.05, "gate_lr": 0.2}),
-     ("modalloc-topk+k=40", "modalloc", {"k": 40, "strategy": "topk"}),
-     ("alora+rounds=3", "alora", {"rounds": 3, "val_samples": 2})],
-)  # fmt: skip
+    [
+        ("l1ra+l1_lambda=0.05+gate_lr=0.2", "l1ra", {"l1_lambda": 0.05, "gate_lr": 0.2}),
+        ("modalloc-topk+k=40", "modalloc", {"k": 40, "strategy": "topk"}),
+        ("alora+rounds=3", "alora", {"rounds": 3, "val_samples": 2}),
+    ],
+)
 def test_overrides_reach_the_methods_own_section_and_keep_the_rest(spec, section, expected):
     _, cfg = quality.method_config(spec, 60)
     assert {k: cfg["dynrank"][section][k] for k in expected} == expected
@@ -37,10 +39,15 @@ def test_overrides_reach_the_methods_own_section_and_keep_the_rest(spec, section
 
 @pytest.mark.parametrize(
     ("spec", "words"),
-    [("l1ra+l1_lambdaa=0.1", ["l1_lambdaa"]), ("l1ra+l1_lambda=-1", ["l1_lambda"]), ("lora+r=4", ["lora", "no method"]),
-     ("peft-adalora+init_r=4", ["peft-adalora", "no method"]), ("l1ra+l1_lambda", ["key=value"]),
-     ("sora", ["unknown", "sora"])],
-)  # fmt: skip
+    [
+        ("l1ra+l1_lambdaa=0.1", ["l1_lambdaa"]),
+        ("l1ra+l1_lambda=-1", ["l1_lambda"]),
+        ("lora+r=4", ["lora", "no method"]),
+        ("peft-adalora+init_r=4", ["peft-adalora", "no method"]),
+        ("l1ra+l1_lambda", ["key=value"]),
+        ("sora", ["unknown", "sora"]),
+    ],
+)
 def test_a_bad_spec_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=re.escape(words[0])) as err:
         quality.method_config(spec, 60)

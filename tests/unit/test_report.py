@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ds_dynrank.__main__ import main
 from ds_dynrank.errors import UserInputError
-from ds_dynrank.report import parse_module, rank_table, type_labels, type_totals, write_report
+from ds_dynrank.tools.cli import main
+from ds_dynrank.tools.report import parse_module, rank_table, type_labels, type_totals, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TYPES = {"q_proj": "self_attn", "v_proj": "self_attn", "down_proj": "mlp"}
@@ -28,8 +28,14 @@ def _history(with_active: bool = False) -> list[dict]:
     events = []
     for i in range(3):
         ranks = _ranks(i)
-        event = {"step": 10 * i, "ranks": ranks, "budget": sum(ranks.values()), "budget_unit": "rank",
-                 "slots_changed": 0 if i == 0 else 9, "seconds": 0.01}  # fmt: skip
+        event = {
+            "step": 10 * i,
+            "ranks": ranks,
+            "budget": sum(ranks.values()),
+            "budget_unit": "rank",
+            "slots_changed": 0 if i == 0 else 9,
+            "seconds": 0.01,
+        }
         if with_active:  # q_proj off from the second event on; layer 0 down_proj off at the last
             event["active"] = {n: not (n.endswith("q_proj") and i > 0) for n in ranks}
             event["active"]["model.layers.0.mlp.down_proj"] = i < 2
@@ -85,8 +91,14 @@ def test_rank_table_final_grid_and_missing_cells():
 
 
 def test_write_report_files_and_summary(tmp_path):
-    metrics = {"method": "adalora", "value": 0.8125, "baseline_value": 0.5, "steps": 25,
-               "trainable_parameters": 4000, "trainable_parameters_initial": 4096}  # fmt: skip
+    metrics = {
+        "method": "adalora",
+        "value": 0.8125,
+        "baseline_value": 0.5,
+        "steps": 25,
+        "trainable_parameters": 4000,
+        "trainable_parameters_initial": 4096,
+    }
     run = _run_dir(tmp_path, _history(), metrics)
     summary = write_report(run)
     assert summary == run / "report" / "summary.md"

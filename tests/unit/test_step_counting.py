@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from helpers import tiny_llama
 
-from ds_dynrank import inject_lora
+from ds_dynrank.api import prepare
 from ds_dynrank.config import from_ds_config
-from ds_dynrank.hook import DynRank
+from ds_dynrank.controller import DynRank
 
 
 class SteppingEngine:
@@ -27,13 +27,14 @@ class SteppingEngine:
 def test_only_applied_boundary_steps_count_and_trigger_events(monkeypatch):
     cfg = from_ds_config({"dynrank": {"method": "l1ra", "r": 2, "schedule": {"start": 2, "interval": 2}}})
     model = tiny_llama()
-    adapters = inject_lora(model, cfg)
+    setup = prepare(model, cfg)
     engine = SteppingEngine(model)
-    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.on_attach", lambda self, e, a: None)
+    monkeypatch.setattr("ds_dynrank.methods.l1ra.method.L1RA.attach", lambda self, ctx, a: None)
     boundaries = []
-    monkeypatch.setattr("ds_dynrank.methods.l1ra.L1RA.after_boundary",
-                        lambda self, e, io, a, applied: boundaries.append(applied))  # fmt: skip
-    dynrank = DynRank(engine, cfg, adapters, total_steps=20)
+    monkeypatch.setattr(
+        "ds_dynrank.methods.l1ra.method.L1RA.after_boundary", lambda self, ctx, a, applied: boundaries.append(applied)
+    )
+    dynrank = DynRank(engine, setup, total_steps=20)
     events = []
     monkeypatch.setattr(dynrank, "reallocate", lambda plan=None: events.append(dynrank.applied_steps) or {})
     # micro-batches of 4-step accumulation: global_steps moves every 4th call; the 3rd boundary overflows

@@ -16,8 +16,13 @@ STAGES = (0, 1, 2, 3)
 
 
 def _section(backend: str) -> dict:
-    section = {"method": "l1ra", "r": 4, "reshape": {"backend": backend}, "schedule": {"start": 1000},
-               "l1ra": {"l1_lambda": 0.0}}  # fmt: skip
+    section = {
+        "method": "l1ra",
+        "r": 4,
+        "reshape": {"backend": backend},
+        "schedule": {"start": 1000},
+        "l1ra": {"l1_lambda": 0.0},
+    }
     return {**section, "capacity": 8} if backend == "masked" else section
 
 
@@ -32,10 +37,11 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
                     plan = identity_plan([layer.live_slots() for _, layer in dynrank.adapters])
                     dynrank.reallocate(plan)  # skips the reshape: nothing moves
                     if backend == "physical":
-                        dynrank.rebuild(plan)  # force the full gather / teardown / re-initialize / restore
+                        dynrank.apply(plan)  # force the full gather / teardown / re-initialize / restore
                     else:  # force a full read/write round trip of every tensor's state
-                        tensors = [t for _, layer in dynrank.adapters for t in (layer.lora_A, layer.lora_B,
-                                                                               layer.lora_gate)]  # fmt: skip
+                        tensors = [
+                            t for _, layer in dynrank.adapters for t in (layer.lora_A, layer.lora_B, layer.lora_gate)
+                        ]
                         for t, state in zip(tensors, dynrank.io.read_many(tensors)):
                             dynrank.io.write(t, state)
                 losses += train_steps(dynrank, 4, rank, seed=40)

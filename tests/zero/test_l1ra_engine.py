@@ -10,8 +10,6 @@ import pytest
 import torch
 from helpers import tiny_ds_config, tiny_llama
 
-from ds_dynrank import inject_lora
-
 STAGES = (0, 1, 2, 3)
 GATE_LR, LAMBDA = 0.05, 2.0  # a proximal shrink of 0.1 per step: gates reach 0 within a few steps
 
@@ -28,21 +26,19 @@ def _working_gate(layer) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, out_dir: Path) -> None:
-    import deepspeed
-
-    from ds_dynrank.config import from_ds_config
-    from ds_dynrank.hook import DynRank, optimizer_groups
+    import ds_dynrank
 
     results = {}
     for stage in STAGES:
-        section = {"method": "l1ra", "r": 4, "capacity": 6, "schedule": {"start": 4, "interval": 4},
-                   "l1ra": {"l1_lambda": LAMBDA, "gate_lr": GATE_LR}}  # fmt: skip
-        cfg = from_ds_config({"dynrank": section})
-        model = tiny_llama(seed=0)
-        adapters = inject_lora(model, cfg)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(cfg, adapters),
-                                          config=ds_config(stage))  # fmt: skip
-        dynrank = DynRank(engine, cfg, adapters, total_steps=12)
+        section = {
+            "method": "l1ra",
+            "r": 4,
+            "capacity": 6,
+            "schedule": {"start": 4, "interval": 4},
+            "l1ra": {"l1_lambda": LAMBDA, "gate_lr": GATE_LR},
+        }
+        dynrank = ds_dynrank.initialize(tiny_llama(seed=0), {**ds_config(stage), "dynrank": section}, total_steps=12)
+        engine, adapters = dynrank.engine, dynrank.adapters  # the masked backend keeps the engine
         io, data = dynrank.io, torch.Generator().manual_seed(rank)
         lrs = []
         for _ in range(2 * 2):
@@ -82,7 +78,7 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
         assert ((gates >= 0) & (gates <= 1)).all()
         results[stage] = [h["ranks"] for h in history]
         if stage == 0:  # a forced disagreement is caught by the checksum on every rank
-            from ds_dynrank.hook import AllocationMismatchError
+            from ds_dynrank.controller import AllocationMismatchError
 
             mask = layer.rank_mask.clone()
             if rank == 1:

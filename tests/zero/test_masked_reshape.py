@@ -37,7 +37,8 @@ def _build(stage: int):
 
 
 def _event_worker(rank: int, world: int, out_dir: Path) -> None:
-    from ds_dynrank.reshape import slot_generator, split_slots
+    from ds_dynrank.backends.base import slot_generator
+    from ds_dynrank.backends.masked import split_slots
 
     for stage in STAGES:
         engine, dynrank, adapters = _build(stage)
@@ -91,8 +92,10 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
                 for field in ("value", "exp_avg", "exp_avg_sq"):
                     assert torch.count_nonzero(getattr(s, field).index_select(dim, torch.tensor(dead))) == 0
         assert dynrank.applied_steps == 6
-        torch.save({k: (v.value, v.exp_avg, v.exp_avg_sq) for k, v in final.items()},
-                   out_dir / f"masked_stage{stage}_rank{rank}.pt")  # fmt: skip
+        torch.save(
+            {k: (v.value, v.exp_avg, v.exp_avg_sq) for k, v in final.items()},
+            out_dir / f"masked_stage{stage}_rank{rank}.pt",
+        )
         engine.destroy()
 
 

@@ -22,14 +22,26 @@ def validation_batch() -> dict:
 
 
 SECTIONS = {
-    "alora": {"method": "alora", "r": 4, "schedule": {"start": 3, "interval": 3},
-              "alora": {"rounds": 3, "variants_per_forward": 8}},
-    "modalloc": {"method": "modalloc", "r": 4, "schedule": {"start": 2, "interval": 2},
-                 "modalloc": {"strategy": "discounted", "k": 5}},
-    "modalloc-gradient": {"method": "modalloc", "r": 4, "schedule": {"kind": "once", "start": 4},
-                          "modalloc": {"score": "gradient", "strategy": "topk", "k": 9}},
+    "alora": {
+        "method": "alora",
+        "r": 4,
+        "schedule": {"start": 3, "interval": 3},
+        "alora": {"rounds": 3, "variants_per_forward": 8},
+    },
+    "modalloc": {
+        "method": "modalloc",
+        "r": 4,
+        "schedule": {"start": 2, "interval": 2},
+        "modalloc": {"strategy": "discounted", "k": 5},
+    },
+    "modalloc-gradient": {
+        "method": "modalloc",
+        "r": 4,
+        "schedule": {"kind": "once", "start": 4},
+        "modalloc": {"score": "gradient", "strategy": "topk", "k": 9},
+    },
     "adalora": {"method": "adalora", "r": 6, "adalora": {"target_r": 3, "tinit": 2, "tfinal": 3, "delta_t": 2}},
-}  # fmt: skip
+}
 
 
 def _train(dynrank, rank: int, steps: int, inactive_probe: list) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import build_dynrank
 
-from ds_dynrank.hook import MissedAllocationError
+from ds_dynrank.controller import MissedAllocationError
 
 
 def _undriven_steps(dynrank, steps: int) -> None:

@@ -16,8 +16,13 @@ from test_masked_reshape import forced_plan
 
 STAGES = (0, 1, 2, 3)
 LEAK_STAGE = 2  # ZeRO-3's physical rebuilds are the 50 of tests/zero/test_soak.py
-SECTION = {"method": "l1ra", "r": 4, "reshape": {"backend": "physical"}, "schedule": {"start": 1000},
-           "l1ra": {"l1_lambda": 0.0}}  # fmt: skip
+SECTION = {
+    "method": "l1ra",
+    "r": 4,
+    "reshape": {"backend": "physical"},
+    "schedule": {"start": 1000},
+    "l1ra": {"l1_lambda": 0.0},
+}
 
 
 def build(stage: int):
@@ -35,8 +40,8 @@ def states(dynrank) -> dict:
 
 def _event_worker(rank: int, world: int, out_dir: Path) -> None:
     from ds_dynrank import dist
-    from ds_dynrank.lora import lora_parameters
-    from ds_dynrank.reshape import slot_generator
+    from ds_dynrank.backends.base import slot_generator
+    from ds_dynrank.lora import adapter_parameters
     from ds_dynrank.zero import full_numel
 
     for stage in STAGES:
@@ -53,8 +58,9 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
         with torch.no_grad():
             before_logits = dynrank.engine(input_ids=probe).logits.clone()
         before, old_engine = states(dynrank), dynrank.engine
-        frozen_bytes = sum(full_numel(p) * p.element_size() for p in dynrank.engine.module.parameters()
-                           if not p.requires_grad)  # fmt: skip
+        frozen_bytes = sum(
+            full_numel(p) * p.element_size() for p in dynrank.engine.module.parameters() if not p.requires_grad
+        )
         with dist.counting_bytes() as sent:
             dynrank.reallocate(plan)
         assert 0 < sent.bytes < frozen_bytes, (stage, sent.bytes, frozen_bytes)  # the base model is not re-sent
@@ -84,13 +90,15 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
                 assert torch.count_nonzero(after[f"{name}.lora_B"].value[:, len(keep) :]) == 0
                 assert torch.equal(after[f"{name}.lora_gate"].value[len(keep) :], torch.ones(grow))
         expected = sum(layer.rank * layer.rank_cost() for _, layer in dynrank.adapters)
-        assert sum(full_numel(p) for p in lora_parameters(dynrank.engine.module)) == expected
+        assert sum(full_numel(p) for p in adapter_parameters(dynrank.adapters)) == expected
         assert dynrank.engine.global_steps == 3 and dynrank.applied_steps == 3
         train(dynrank, 3, rank, seed=20)
         assert dynrank.engine.global_steps == 6
         final = states(dynrank)
-        torch.save({k: (v.value, v.exp_avg, v.exp_avg_sq) for k, v in final.items()},
-                   out_dir / f"physical_stage{stage}_rank{rank}.pt")  # fmt: skip
+        torch.save(
+            {k: (v.value, v.exp_avg, v.exp_avg_sq) for k, v in final.items()},
+            out_dir / f"physical_stage{stage}_rank{rank}.pt",
+        )
         dynrank.engine.destroy()
 
 
@@ -111,8 +119,9 @@ def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
     for event in range(10):  # alternate shrinking and growing one module in three
         live = [layer.live_slots() for _, layer in dynrank.adapters]
         grow = tuple((1 if event % 2 else 0) if m % 3 == 0 else 0 for m in range(len(live)))
-        keep = tuple(tuple(s[: len(s) - (0 if event % 2 else 1)]) if m % 3 == 0 else tuple(s)
-                     for m, s in enumerate(live))  # fmt: skip
+        keep = tuple(
+            tuple(s[: len(s) - (0 if event % 2 else 1)]) if m % 3 == 0 else tuple(s) for m, s in enumerate(live)
+        )
         dynrank.reallocate(Plan(keep=keep, grow=grow))
         # counted before any collection of ours: the rebuild itself must have freed the old engine
         alive.append(engines_alive())

@@ -25,12 +25,17 @@ def optimizer_state_elements(engine) -> int:
 
 
 def _worker(rank: int, world: int, out_dir: Path) -> None:
-    from ds_dynrank.lora import lora_parameters
+    from ds_dynrank.lora import adapter_parameters
 
     report = {}
     for stage, backend in RUNS:
-        section = {"method": "l1ra", "r": 4, "reshape": {"backend": backend}, "schedule": {"start": 1, "interval": 1},
-                   "l1ra": {"l1_lambda": 20.0, "gate_lr": 0.05}}  # fmt: skip
+        section = {
+            "method": "l1ra",
+            "r": 4,
+            "reshape": {"backend": backend},
+            "schedule": {"start": 1, "interval": 1},
+            "l1ra": {"l1_lambda": 20.0, "gate_lr": 0.05},
+        }
         dynrank = build_dynrank(stage, section, total_steps=EVENTS + 2)
         data, rss, states, alive = torch.Generator().manual_seed(rank), [], [], []
         for step in range(EVENTS):
@@ -45,8 +50,10 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
             if step in (9, EVENTS - 1):
                 gc.collect()
                 rss.append(psutil.Process().memory_info().rss)
-            partitioned = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-                              for p in lora_parameters(dynrank.engine.module))  # fmt: skip
+            partitioned = sum(
+                p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                for p in adapter_parameters(dynrank.adapters)
+            )
             states.append((optimizer_state_elements(dynrank.engine), partitioned))
         if backend == "masked":
             disagreements = _disagreeing_rank(dynrank, rank)
@@ -74,22 +81,24 @@ def _disagreeing_rank(dynrank, rank: int) -> dict:
     from ds_dynrank.allocation import Plan
 
     before = len(dynrank.history)
-    real = dynrank.method.local_scores
+    real = dynrank.method.scores
     if rank == 1:
-        dynrank.method.local_scores = lambda *a: real(*a) * float("nan")
+        dynrank.method.scores = lambda *a: real(*a) * float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         skipped = dynrank.reallocate()
-    dynrank.method.local_scores = real
+    dynrank.method.scores = real
     live = [layer.live_slots() for _, layer in dynrank.adapters]
     if rank == 0:  # rank 0 decides: drop one slot of module 0
         plan = Plan(keep=(tuple(live[0][1:]), *map(tuple, live[1:])), grow=(0,) * len(live))
     else:  # a corrupted decision on rank 1: everything dropped but one slot everywhere
         plan = Plan(keep=tuple((slots[0],) for slots in live), grow=(0,) * len(live))
     dynrank.reallocate(plan)
-    return {"skipped": skipped == {} and len(dynrank.history) == before + 1,
-            "warned": any("non-finite scores" in str(w.message) for w in caught),
-            "ranks": [layer.rank for _, layer in dynrank.adapters]}  # fmt: skip
+    return {
+        "skipped": skipped == {} and len(dynrank.history) == before + 1,
+        "warned": any("non-finite scores" in str(w.message) for w in caught),
+        "ranks": [layer.rank for _, layer in dynrank.adapters],
+    }
 
 
 @pytest.mark.deepspeed

@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import tiny_ds_config, tiny_llama
 
-from ds_dynrank import DynRankConfig, inject_lora, iter_lora, lora_parameters
+from ds_dynrank import DynRankConfig, inject_lora, iter_lora
+from ds_dynrank.lora import adapter_parameters
 
 STAGES = (0, 1, 2, 3)
 STEPS, ACCUMULATION = 3, 2
@@ -27,7 +28,7 @@ def _train_every_stage(rank: int, world: int, out_dir: Path) -> None:
     for stage in STAGES:
         model = tiny_llama(seed=0)
         inject_lora(model, DynRankConfig(r=4, gate=True))
-        params = lora_parameters(model)
+        params = adapter_parameters(iter_lora(model))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config(stage))
         partitioned = sum(p.numel() == 0 for p in params)
         data = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
@@ -40,10 +41,14 @@ def _train_every_stage(rank: int, world: int, out_dir: Path) -> None:
             for key in ("lora_A", "lora_B", "lora_gate"):
                 full[f"{name}.{key}"] = read_full_fp32(getattr(layer, key))
         torch.save(
-            {"weights": full, "steps": engine.global_steps, "partitioned": partitioned,
-             "numel": sum(full_numel(p) for p in params)},
+            {
+                "weights": full,
+                "steps": engine.global_steps,
+                "partitioned": partitioned,
+                "numel": sum(full_numel(p) for p in params),
+            },
             out_dir / f"stage{stage}_rank{rank}.pt",
-        )  # fmt: skip
+        )
         engine.destroy()
 
 

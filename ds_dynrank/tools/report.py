@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.rundir import RunDir
 
-HISTORY_FILE = "allocation_history.json"
-METRICS_FILE = "metrics.json"
 NO_LAYER = "-"
 DPI = 100
 TOP_LAYERS = 5
@@ -180,7 +179,7 @@ def load_history(run_dir: Path) -> list[dict]:
     """The validated allocation history; every problem is a UserInputError naming the directory or file."""
     if not run_dir.is_dir():
         raise UserInputError(f"{run_dir}: no such run directory")
-    path = run_dir / HISTORY_FILE
+    path = RunDir(run_dir).history
     if not path.is_file():
         raise UserInputError(f"{path}: not found (is {run_dir} a run's output directory?)")
     history = _read_json(path)
@@ -193,7 +192,7 @@ def load_history(run_dir: Path) -> list[dict]:
 
 def load_metrics(run_dir: Path) -> dict | None:
     """metrics.json if the run got that far (it is written at the end); None otherwise."""
-    path = run_dir / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
     metrics = _read_json(path)
@@ -456,7 +455,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserInputError("the report draws with matplotlib: pip install matplotlib") from None
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).report
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

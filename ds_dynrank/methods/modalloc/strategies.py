@@ -8,10 +8,13 @@ ever draws on its own.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
-STRATEGIES = ("topk", "threshold", "multinomial", "discounted", "uniform")
+from ds_dynrank.methods.modalloc.config import Strategy
+
+STRATEGIES = get_args(Strategy)
 
 
 def normalise(importance_M: torch.Tensor) -> torch.Tensor:
@@ -51,8 +54,9 @@ def multinomial(importance_M: torch.Tensor, k: int, generator: torch.Generator) 
     return _mask(chosen.tolist(), len(importance_M))
 
 
-def discounted(importance_M: torch.Tensor, times_chosen_M: torch.Tensor, k: int,
-               generator: torch.Generator) -> list[bool]:  # fmt: skip
+def discounted(
+    importance_M: torch.Tensor, times_chosen_M: torch.Tensor, k: int, generator: torch.Generator
+) -> list[bool]:
     """DynaLoRA's discounted sampling: weights ŷ / C, C = how often each module was already chosen, so modules
     that rarely trained get their turn."""
     weights = normalise(importance_M) / (times_chosen_M.double() + 1e-2)
@@ -65,8 +69,15 @@ def uniform(n: int, k: int, generator: torch.Generator) -> list[bool]:
     return _mask(torch.randperm(n, generator=generator)[:k].tolist(), n)
 
 
-def select(strategy: str, importance_M: torch.Tensor, *, k: int, p: float, times_chosen_M: torch.Tensor,
-           generator: torch.Generator) -> list[bool]:  # fmt: skip
+def select(
+    strategy: str,
+    importance_M: torch.Tensor,
+    *,
+    k: int,
+    p: float,
+    times_chosen_M: torch.Tensor,
+    generator: torch.Generator,
+) -> list[bool]:
     """Dispatch by name (the config's `modalloc.strategy`)."""
     if strategy == "topk":
         return topk(importance_M, k)

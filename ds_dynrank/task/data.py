@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ds_dynrank import assets
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.task import assets
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_DATASET_TEMPLATE = "Review: {text}\nSentiment:"

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from ds_dynrank.allocation import Plan, l1ra_plan
-from ds_dynrank.methods.base import Adapters, Bounds, Method, live_scores
-from ds_dynrank.zero import StateIO, read_full_fp32_flat, set_group_lr
+from ds_dynrank.methods.base import Adapters, Event, Method, live_scores
 
 GATE_GROUP = 1
 
@@ -26,28 +25,29 @@ class L1RA(Method):
         gates = [layer.lora_gate for _, layer in adapters]
         return [{"params": low_rank}, {"params": gates, "lr": self.cfg.l1ra.gate_lr, "weight_decay": 0.0}]
 
-    def on_attach(self, engine, adapters: Adapters) -> None:
-        set_group_lr(engine, GATE_GROUP, self.cfg.l1ra.gate_lr)
+    def attach(self, ctx, adapters: Adapters) -> None:
+        ctx.set_group_lr(GATE_GROUP, self.cfg.l1ra.gate_lr)
 
-    def after_boundary(self, engine, io: StateIO, adapters: Adapters, applied: bool) -> None:
+    def after_boundary(self, ctx, adapters: Adapters, applied: bool) -> None:
         if not applied:
             return
-        set_group_lr(engine, GATE_GROUP, self.cfg.l1ra.gate_lr)  # the LR scheduler set every group alike
+        ctx.set_group_lr(GATE_GROUP, self.cfg.l1ra.gate_lr)  # the LR scheduler set every group alike
         shrink = self.cfg.l1ra.gate_lr * self.cfg.l1ra.l1_lambda
         for _, layer in adapters:
-            io.map_master(layer.lora_gate, lambda c: (c - shrink).clamp_(0.0, 1.0))
+            ctx.edit_master(layer.lora_gate, lambda c: (c - shrink).clamp_(0.0, 1.0))
 
-    def local_scores(self, engine, io: StateIO, adapters: Adapters) -> torch.Tensor:
-        return read_full_fp32_flat([layer.lora_gate for _, layer in adapters])  # one collective
+    def scores(self, ctx, adapters: Adapters) -> torch.Tensor:
+        return ctx.full_fp32([layer.lora_gate for _, layer in adapters])  # the gates themselves
 
-    def decide(self, scores_S: torch.Tensor, adapters: Adapters, bounds: Bounds, step: int) -> Plan:
+    def decide(self, scores_S: torch.Tensor, event: Event) -> Plan:
+        b = event.bounds
         return l1ra_plan(
-            live_scores(scores_S, adapters),
-            [layer.live_slots() for _, layer in adapters],
+            live_scores(scores_S, event.capacity_M),
+            event.live,
             threshold=self.cfg.l1ra.prune_threshold,
-            floor=bounds.floor,
-            cap_M=bounds.cap_M,
-            cost_M=bounds.cost_M,
-            unit=bounds.unit,
+            floor=b.floor,
+            cap_M=b.cap_M,
+            cost_M=b.cost_M,
+            unit=b.unit,
             exclude_pruned=self.cfg.l1ra.exclude_pruned,
         )

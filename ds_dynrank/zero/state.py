@@ -1,5 +1,5 @@
-"""The only module that touches DeepSpeed's partitioned state: adapter tensors read and written in full shape,
-fp32 master, Adam moments and the working (low-precision) copy together, under ZeRO 0, 1, 2 and 3.
+"""Adapter tensors read and written in full shape, under ZeRO 0, 1, 2 and 3: fp32 master, Adam moments and the
+working (low-precision) copy together.
 
 The `safe_get/set_full_*` accessors are collectives for ZeRO >= 1: every rank must call them for the same
 parameters in the same order (we always iterate in `iter_lora` order over a broadcast plan), or the job hangs.
@@ -7,8 +7,7 @@ parameters in the same order (we always iterate in `iter_lora` order over a broa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from ds_dynrank import dist
+from ds_dynrank.errors import UserInputError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -85,8 +85,9 @@ def read_full_fp32_flat(params: list[nn.Parameter], group=None) -> torch.Tensor:
     if any(not isinstance(p, nn.Parameter) for p in params):
         managed = read_full_fp32_flat([p for p in params if isinstance(p, nn.Parameter)], group)
         pieces = iter(managed.split([full_numel(p) for p in params if isinstance(p, nn.Parameter)]))
-        return torch.cat([next(pieces) if isinstance(p, nn.Parameter) else p.detach().float().flatten().cpu()
-                          for p in params])  # fmt: skip
+        return torch.cat(
+            [next(pieces) if isinstance(p, nn.Parameter) else p.detach().float().flatten().cpu() for p in params]
+        )
     if params and not _managed(params[0]):
         return torch.cat([p.detach().float().flatten() for p in params]).cpu()
     return read_full_flat(params, None, group)
@@ -146,8 +147,10 @@ class StateIO:
             return []
         if not _managed(params[0]):
             states = [self._plain_state(p) for p in params]
-            return [FullState(p.data.float().cpu().clone(), *(st[k].float().cpu().clone() for k in MOMENTS))
-                    for p, st in zip(params, states)]  # fmt: skip
+            return [
+                FullState(p.data.float().cpu().clone(), *(st[k].float().cpu().clone() for k in MOMENTS))
+                for p, st in zip(params, states)
+            ]
         self._link_optimizer_fragments()
         try:
             flats = [read_full_flat(params, key) for key in (None, *MOMENTS)]
@@ -208,145 +211,20 @@ class StateIO:
 
 def set_group_lr(engine, group_index: int, lr: float) -> None:
     """Pin one optimizer param group's learning rate (DeepSpeed's schedulers set every group alike)."""
-    engine.optimizer.param_groups[group_index]["lr"] = lr
+    groups = engine.optimizer.param_groups
+    if group_index >= len(groups):
+        raise UserInputError(
+            f"dynrank: the method trains a param group of its own (group {group_index}), but the optimizer has "
+            f"{len(groups)}: build the engine with ds_dynrank.initialize(), which hands DeepSpeed the method's "
+            "groups"
+        )
+    groups[group_index]["lr"] = lr
 
 
 def stage(engine) -> int:
     return int(engine.zero_optimization_stage())
 
 
-@dataclass
-class EngineCarry:
-    """What must survive an engine rebuild besides the adapters' own state."""
-
-    adam_step: torch.Tensor | None
-    counters: dict
-    scheduler_state: dict | None
-    group_lrs: list[float]
-    monitor: object
-
-
-_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-
-
-def _adam_state(engine) -> dict:
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt).state
-
-
-def capture(engine) -> EngineCarry:
-    states = list(_adam_state(engine).values())
-    step = states[0].get("step") if states else None
-    return EngineCarry(
-        adam_step=step.clone() if torch.is_tensor(step) else step,
-        counters={k: getattr(engine, k) for k in _COUNTERS},
-        scheduler_state=engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-        group_lrs=[g["lr"] for g in engine.optimizer.param_groups],
-        monitor=engine.monitor,
-    )
-
-
-def teardown(engine) -> None:
-    """Free an engine so its module can be wrapped again: DeepSpeed's destroy() leaves hooks and ZeRO-3 state
-    on the module that keep the old engine (and its optimizer state) alive and running."""
-    if stage(engine) == 3:  # release parameters an eval pass left gathered; engine.empty_partition_cache() would
-        engine.optimizer.empty_partition_cache()  # add a full gc.collect (~0.5 s) that cannot free the engine yet
-    engine.destroy()
-    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
-        handle = getattr(engine, name, None)
-        if handle is not None:
-            handle.remove()
-            setattr(engine, name, None)
-    if stage(engine) == 3:
-        from deepspeed.runtime.zero import parameter_offload
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-        for module in engine.module.modules():  # backward functions that close over the old coordinator
-            for attr in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt"):
-                module.__dict__.pop(attr, None)
-        cached = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
-        for cell in getattr(cached, "__closure__", None) or ():
-            if hasattr(cell.cell_contents, "cache_clear"):
-                cell.cell_contents.cache_clear()  # its keys hold every coordinator ever built
-        stack = parameter_offload.FWD_MODULE_STACK
-        stack[:] = [m for m in stack if m is not engine.module]
-
-
-def reinitialize(module: nn.Module, groups: list[dict], ds_config: dict, carry: EngineCarry, restore):
-    """A fresh engine over `module` (same config, TensorBoard left to the carried monitor), with counters, LRs,
-    scheduler and Adam step carried over. `restore(engine)` then writes the adapters' moments back."""
-    import deepspeed
-
-    config = {**ds_config, "tensorboard": {"enabled": False}}
-    with _broadcasting_trainable_only():
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
-    engine.monitor = carry.monitor
-    for key, value in carry.counters.items():
-        setattr(engine, key, value)
-    if carry.scheduler_state is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(carry.scheduler_state)
-    for group, lr in zip(engine.optimizer.param_groups, carry.group_lrs):
-        group["lr"] = lr
-    _prime_adam_state(engine, carry.adam_step)
-    restore(engine)
-    return engine
-
-
-@contextmanager
-def _broadcasting_trainable_only() -> Iterator[None]:
-    """`deepspeed.initialize` broadcasts every replicated parameter from rank 0 (`_broadcast_model`): at a rebuild
-    that is the whole frozen base model again (hundreds of MB per event for a 135M model), though the first
-    initialize already made it identical and nothing has written it since. Inside this block a new engine
-    broadcasts only its trainable parameters, the ones the rebuild created. MoE models keep DeepSpeed's own."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from deepspeed.utils import groups
-
-    original = DeepSpeedEngine.__dict__.get("_broadcast_model")
-    if original is None:  # a DeepSpeed without it: nothing to narrow
-        yield
-        return
-
-    def broadcast_trainable(engine) -> None:
-        if engine.dist_backend is None or engine.has_moe_layers:
-            return original(engine)
-        src = groups._get_broadcast_src_rank()
-        for p in engine.module.parameters():
-            partitioned = getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) is not ZeroParamStatus.AVAILABLE
-            if p.requires_grad and not partitioned:  # as bytes, like DeepSpeed: any dtype on any backend
-                dist.broadcast(p.data.view(torch.uint8), src=src, group=engine.seq_data_parallel_group)
-
-    DeepSpeedEngine._broadcast_model = broadcast_trainable
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._broadcast_model = original
-
-
-def _prime_adam_state(engine, step) -> None:
-    """torch's Adam creates its state at the first step; write it now so the carried moments have a home."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    flats = (getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat",
-             None) or getattr(opt, "fp32_groups_flat_partition", None))  # fmt: skip
-    targets = flats if flats else [p for g in inner.param_groups for p in g["params"]]
-    for t in targets:
-        inner.state[t] = {
-            "step": step.clone() if torch.is_tensor(step) else torch.tensor(float(step or 0)),
-            "exp_avg": torch.zeros_like(t),
-            "exp_avg_sq": torch.zeros_like(t),
-        }
-
-
-def consolidated_state(root, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 trainable tensors and buffers of a DeepSpeed checkpoint, any ZeRO stage, without an engine."""
-    from pathlib import Path
-
-    tag_dir = Path(root) / tag
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True)
-    else:  # ZeRO-0: the module state dict is whole in the model states file
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+def loss_scale(engine) -> float:
+    """The factor an fp16 engine multiplied the loss (and so every gradient) by; 1 otherwise."""
+    return float(engine.optimizer.cur_scale) if engine.fp16_enabled() else 1.0

@@ -14,11 +14,5 @@ def share_cpu_threads(device_name: str, local_world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
 
 
-def bf16_available(accel) -> bool:
-    """What `"bf16": {"enabled": "auto"}` resolves to: on where the accelerator has bf16 and is not the CPU (bf16
-    on the CPU accelerator is slower than fp32 and not what these configs test)."""
-    return accel.device_name() != "cpu" and accel.is_bf16_supported()
-
-
 def local_world_size(default: int) -> int:
     return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", default)))

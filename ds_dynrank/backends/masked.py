@@ -1,6 +1,6 @@
-"""Apply a broadcast Plan to the adapters: parameters, fp32 masters and Adam moments, identically on every rank.
-
-Masked backend: each module keeps a fixed capacity of slots. Killed slots get A row, B column, gate and both
+"""The masked backend: each module keeps a fixed capacity of slots, and a broadcast Plan edits parameters, fp32
+masters and Adam moments in place, identically on every rank.
+ Killed slots get A row, B column, gate and both
 moments set to exactly 0 and are masked, so Adam leaves them at 0. Born slots get fresh A rows from a generator
 seeded by (seed, step, module index) (the same draws on every rank), B = 0 (function-preserving), gate 1 and
 zero moments. Surviving slots are written back with the values they were read with: bit for bit unchanged.
@@ -11,12 +11,9 @@ from __future__ import annotations
 import torch
 
 from ds_dynrank.allocation import Plan
-from ds_dynrank.lora import SLOT_DIM, LoRALinear, iter_lora
+from ds_dynrank.backends.base import Attachment, Backend, SlotMap, slot_generator
+from ds_dynrank.lora import SLOT_DIM, LoRALinear
 from ds_dynrank.zero import FullState, StateIO
-
-
-def slot_generator(seed: int, step: int, module_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + module_index)
 
 
 def _edit(state: FullState, dim: int, zero: list[int], fill: dict[int, torch.Tensor] | None = None) -> FullState:
@@ -66,8 +63,12 @@ def apply_activity(active: tuple[bool, ...], adapters: list[tuple[str, LoRALinea
     """Masked backend, module allocation: modules going inactive keep their values but lose their Adam moments
     (held at zero from now on, so Adam moves nothing while no gradient arrives); modules coming back start from
     zero moments. Collective: every rank reads the deactivated modules together."""
-    leaving = [p for (_, layer), on in zip(adapters, active) if layer.trainable and not on
-               for p in layer.adapter_tensors().values()]  # fmt: skip
+    leaving = [
+        p
+        for (_, layer), on in zip(adapters, active)
+        if layer.trainable and not on
+        for p in layer.adapter_tensors().values()
+    ]
     for p, state in zip(leaving, io.read_many(leaving)):
         state.exp_avg.zero_()
         state.exp_avg_sq.zero_()
@@ -76,43 +77,26 @@ def apply_activity(active: tuple[bool, ...], adapters: list[tuple[str, LoRALinea
         layer.set_trainable(on)
 
 
-def physical_layers(plan: Plan, adapters: list[tuple[str, LoRALinear]], states: list[FullState], *, seed: int,
-                    step: int) -> list[tuple[LoRALinear, list[FullState]]]:  # fmt: skip
-    """New layers whose shapes are the plan's ranks: surviving slots first (values and moments carried bit for
-    bit), then born slots (seeded A rows, B = 0, gate 1, zero moments). `states` holds every adapter tensor's
-    full state in iteration order (A, B, gate per module)."""
-    out, states_iter = [], iter(states)
-    for m, ((_, layer), keep, grow) in enumerate(zip(adapters, plan.keep, plan.grow)):
-        new = layer.resized(len(keep) + grow)
-        rows = layer.init_rows(grow, slot_generator(seed, step, m))
-        carried = []
-        for key, target in new.adapter_tensors().items():
-            dim, old = SLOT_DIM[key], next(states_iter)
-            index = torch.tensor(keep, dtype=torch.long)
-            born_shape = list(old.value.shape)
-            born_shape[dim] = grow
-            fresh = {"lora_A": rows, "lora_B": torch.zeros(born_shape), "lora_gate": torch.ones(grow)}[key]
-            zeros = torch.zeros(born_shape)
-            state = FullState(
-                torch.cat([old.value.index_select(dim, index), fresh], dim),
-                torch.cat([old.exp_avg.index_select(dim, index), zeros], dim),
-                torch.cat([old.exp_avg_sq.index_select(dim, index), zeros], dim),
-            )
-            with torch.no_grad():
-                target.copy_(state.value.to(target.dtype))
-            carried.append(state)
-        out.append((new, carried))
-    return out
+class MaskedBackend(Backend):
+    """Fixed capacity per module, slots killed and revived in place: the engine is never rebuilt."""
 
+    name = "masked"
 
-def swap_layers(model, adapters: list[tuple[str, LoRALinear]], layers: list[LoRALinear]) -> None:
-    """Put the new layers where the old ones were (same names, so the iteration order is unchanged)."""
-    for (name, _), layer in zip(adapters, layers):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
 
+    def default_cap(self, layer: LoRALinear) -> int:
+        return layer.capacity
 
-def resize_to(model, adapters: list[tuple[str, LoRALinear]], ranks: dict[str, int]) -> list[tuple[str, LoRALinear]]:
-    """Physical backend, before the engine exists: layers at the given ranks (values come from a checkpoint)."""
-    swap_layers(model, adapters, [layer.resized(ranks[name]) for name, layer in adapters])
-    return iter_lora(model)
+    def prepare(self, adapters, active: list[bool]) -> None:
+        for (_, layer), on in zip(adapters, active):
+            layer.set_trainable(on)
+
+    def resize_for_resume(self, model, adapters, ranks: dict[str, int], active: dict[str, bool]):
+        return adapters  # the rank masks are buffers DeepSpeed's checkpoint restores; activity comes with the state
+
+    def apply(self, plan: Plan, attached: Attachment, *, step: int, groups) -> SlotMap:
+        apply_masked(plan, attached.adapters, attached.io, seed=self.seed, step=step)
+        if plan.active is not None:
+            apply_activity(plan.active, attached.adapters, attached.io)
+        return SlotMap.in_place(plan, [layer.capacity for _, layer in attached.adapters])

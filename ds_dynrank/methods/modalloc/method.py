@@ -2,24 +2,22 @@
 chosen subset of modules trains until the next event.
 
 Importance is cumulative over the run (as DynaLoRA): the per-token L2 norm of each module's output, or the L2 norm
-of its adapter gradients, summed over micro-batches on each rank and all-reduced at every accumulation boundary
+of its adapter gradients, summed over micro-batches on each rank and over ranks at every accumulation boundary
 into a running total that is identical on every rank (and so checkpointed exactly). The initial active set is
 drawn uniformly from the configured seed, the same on every rank without communication.
 
-Inactive modules stay in the forward. Masked backend: the layer detaches its adapter (zero gradient; the hook
-zeroes its Adam moments when it goes inactive, so Adam moves nothing and requires_grad is never toggled under a
-live engine). Physical backend: its tensors become buffers at the next engine rebuild, so they have no gradient,
-no fp32 master and no Adam state at all.
+Inactive modules stay in the forward; how they stop training is the backend's business (masked: an exactly zero
+gradient and zeroed moments; physical: their tensors become buffers with no optimizer state).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ds_dynrank import dist, strategies
 from ds_dynrank.allocation import Plan
-from ds_dynrank.methods.base import Adapters, Bounds, Method
-from ds_dynrank.zero import StateIO
+from ds_dynrank.backends.base import SlotMap
+from ds_dynrank.methods.base import Adapters, Event, Method
+from ds_dynrank.methods.modalloc import strategies
 
 
 def default_k(n_modules: int) -> int:
@@ -35,8 +33,8 @@ class ModAlloc(Method):
     interval_ratio = 0.1
     uses_activity = True
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg, *, validation: dict | None = None) -> None:
+        super().__init__(cfg, validation=validation)
         self.importance: torch.Tensor | None = None  # [M] fp64 running total, identical on every rank
         self.times_chosen: torch.Tensor | None = None  # [M] events (and the start) at which each module trained
         self._local: torch.Tensor | None = None  # [M] this rank's accumulation since the last boundary
@@ -46,18 +44,14 @@ class ModAlloc(Method):
         c = self.cfg.modalloc
         return min(n_modules, c.k or default_k(n_modules)), c.threshold or 0.9
 
-    def initial_activity(self, adapters: Adapters) -> list[bool]:
-        k, p = self.sizes(len(adapters))
-        size = strategies.initial_size(self.cfg.modalloc.strategy, len(adapters), k=k, p=p)
-        return strategies.uniform(len(adapters), size, decision_generator(self.cfg.seed, 0))
+    def initial_activity(self, n_modules: int) -> list[bool]:
+        """Drawn uniformly from the seed, the same on every rank without communication, before DeepSpeed exists
+        (so inactive adapters can stay out of the optimizer from the first step)."""
+        k, p = self.sizes(n_modules)
+        size = strategies.initial_size(self.cfg.modalloc.strategy, n_modules, k=k, p=p)
+        return strategies.uniform(n_modules, size, decision_generator(self.cfg.seed, 0))
 
-    def prepare(self, adapters: Adapters) -> None:
-        """The initial active set, before DeepSpeed exists (so the physical backend leaves inactive adapters out
-        of the optimizer from the first step)."""
-        for (_, layer), on in zip(adapters, self.initial_activity(adapters)):
-            layer.set_trainable(on, as_buffers=self.cfg.reshape.backend == "physical")
-
-    def on_attach(self, engine, adapters: Adapters) -> None:
+    def attach(self, ctx, adapters: Adapters) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -66,7 +60,7 @@ class ModAlloc(Method):
             self.importance = torch.zeros(n, dtype=torch.float64)
         if self.times_chosen is None:
             self.times_chosen = torch.tensor([layer.trainable for _, layer in adapters], dtype=torch.float64)
-        self._local = torch.zeros(n, dtype=torch.float32, device=engine.device)
+        self._local = torch.zeros(n, dtype=torch.float32, device=ctx.device)
         for m, (_, layer) in enumerate(adapters):
             if self.cfg.modalloc.score == "activation":
                 self._handles.append(layer.register_forward_hook(self._activation_hook(m)))
@@ -88,23 +82,27 @@ class ModAlloc(Method):
 
         return hook
 
-    def after_boundary(self, engine, io: StateIO, adapters: Adapters, applied: bool) -> None:
-        """Fold this boundary's local importance into the shared running total (one all-reduce of M floats)."""
-        total = dist.all_reduce_sum(self._local.clone())
-        self.importance += total.double().cpu()
+    def after_boundary(self, ctx, adapters: Adapters, applied: bool) -> None:
+        """Fold this boundary's local importance into the shared running total (one sum of M floats over ranks)."""
+        self.importance += ctx.sum(self._local.clone()).double()
         self._local.zero_()
 
-    def local_scores(self, engine, io: StateIO, adapters: Adapters) -> torch.Tensor:
-        return self.importance.float()  # already identical on every rank: the mean leaves it unchanged
+    def scores(self, ctx, adapters: Adapters) -> torch.Tensor:
+        return self.importance.float()  # per module, identical on every rank
 
-    def decide(self, scores: torch.Tensor, adapters: Adapters, bounds: Bounds, step: int) -> Plan:
-        k, p = self.sizes(len(adapters))
-        active = strategies.select(self.cfg.modalloc.strategy, scores, k=k, p=p, times_chosen_M=self.times_chosen,
-                                   generator=decision_generator(self.cfg.seed, step))  # fmt: skip
-        live = tuple(tuple(layer.live_slots()) for _, layer in adapters)
-        return Plan(keep=live, grow=tuple(0 for _ in adapters), active=tuple(active))
+    def decide(self, scores: torch.Tensor, event: Event) -> Plan:
+        k, p = self.sizes(len(event.live))
+        active = strategies.select(
+            self.cfg.modalloc.strategy,
+            scores,
+            k=k,
+            p=p,
+            times_chosen_M=self.times_chosen,
+            generator=decision_generator(self.cfg.seed, event.step),
+        )
+        return Plan(keep=tuple(tuple(s) for s in event.live), grow=tuple(0 for _ in event.live), active=tuple(active))
 
-    def after_apply(self, plan: Plan, live_before: list[list[int]], adapters: Adapters) -> None:
+    def after_event(self, plan: Plan, slots: SlotMap) -> None:
         if plan.active is not None:
             self.times_chosen += torch.tensor(plan.active, dtype=torch.float64)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ds_dynrank import assets
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.task import assets
 
 
 def _looks_like_path(name: str) -> bool:

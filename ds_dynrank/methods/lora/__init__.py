@@ -1,0 +1,1 @@
+"""Fixed-rank LoRA: the baseline every dynamic method is measured against."""

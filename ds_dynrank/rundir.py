@@ -1,0 +1,79 @@
+"""The run directory: every file a run leaves there, by name, with its writer and its reader. Nothing else in the
+project spells these names. Writes are atomic (temp file + rename): readers see the old content or the new.
+
+    metrics.json             the run's results (written by the job at the end)
+    allocation.json          {module: live rank}, the latest allocation
+    allocation_history.json  the initial allocation, then one entry per re-allocation event
+    adapter/                 the trained adapters as a stock PEFT LoRA directory
+    checkpoints/             DeepSpeed checkpoints and `latest`
+    tensorboard/             TensorBoard events (DeepSpeed's monitor, job name "tensorboard")
+    report/                  `python -m ds_dynrank report`'s figures and summary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.json"
+ALLOCATION = "allocation.json"
+HISTORY = "allocation_history.json"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+REPORT = "report"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Never a half-written file: readers see the old content or the new, nothing in between."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+class RunDir:
+    """One run's output directory and the path of each file in it. Callers decide which rank writes (rank 0, on a
+    shared filesystem)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.metrics, self.allocation, self.history = (self.path / n for n in (METRICS, ALLOCATION, HISTORY))
+        self.adapter, self.checkpoints = self.path / ADAPTER, self.path / CHECKPOINTS
+        self.tensorboard, self.report = self.path / TENSORBOARD, self.path / REPORT
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.metrics, metrics)
+
+    def write_allocation(self, history: list[dict]) -> None:
+        """The whole history and, beside it, its latest ranks."""
+        write_json(self.history, history)
+        write_json(self.allocation, history[-1]["ranks"])
+
+    def write_ranks(self, ranks: dict[str, int]) -> None:
+        """The final allocation alone (runs that keep no history, such as PEFT's AdaLoRA)."""
+        write_json(self.allocation, ranks)
+
+    def read_metrics(self) -> dict | None:
+        """metrics.json if the run got that far (it is written at the end); None otherwise."""
+        return read_json(self.metrics) if self.metrics.is_file() else None
+
+    def read_allocation(self) -> dict[str, int] | None:
+        return read_json(self.allocation) if self.allocation.is_file() else None
+
+    def read_history(self) -> list[dict] | None:
+        return read_json(self.history) if self.history.is_file() else None
