@@ -221,3 +221,17 @@ def l1ra_command(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
         "--output_dir",
         str(out),
     ]
+
+
+class SteppingEngine:
+    """A stand-in engine with exactly what the controller reads between steps: global_steps moves at accumulation
+    boundaries (also on skipped steps, as DeepSpeed's does)."""
+
+    zero_optimization_stage = staticmethod(lambda: 0)
+    global_samples, monitor, device = 0, None, "cpu"
+
+    def __init__(self, module) -> None:
+        self.global_steps, self.skipped_steps, self.applied, self.optimizer, self.module = 0, 0, True, None, module
+
+    def was_step_applied(self) -> bool:
+        return self.applied

@@ -4,24 +4,11 @@ forced in fp32 on the CPU); everything else is the real DynRank."""
 
 from __future__ import annotations
 
-from helpers import tiny_llama
+from helpers import SteppingEngine, tiny_llama
 
 from ds_dynrank.api import prepare
 from ds_dynrank.config import from_ds_config
 from ds_dynrank.controller import DynRank
-
-
-class SteppingEngine:
-    """global_steps moves at accumulation boundaries (also on skipped steps, as DeepSpeed's does)."""
-
-    zero_optimization_stage = staticmethod(lambda: 0)
-    global_samples, monitor, device = 0, None, "cpu"
-
-    def __init__(self, module) -> None:
-        self.global_steps, self.skipped_steps, self.applied, self.optimizer, self.module = 0, 0, True, None, module
-
-    def was_step_applied(self) -> bool:
-        return self.applied
 
 
 def test_only_applied_boundary_steps_count_and_trigger_events(monkeypatch):
