@@ -57,7 +57,8 @@ class BudgetConfig(Section):
 
     cap: int | None = Field(None, ge=1)
     """Largest rank any module may reach. Default: the module's capacity (masked backend) or 4 x its initial rank
-    (physical backend)."""
+    (physical backend). vLLM serves an adapter at one max_lora_rank (8, 16, 32, 64, 128, 256, 320 or 512) sized to
+    its largest module: set cap to the one you serve at to keep the allocation inside it."""
 
 
 class ReshapeConfig(Section):

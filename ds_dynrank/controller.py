@@ -215,7 +215,9 @@ class DynRank:
         if self.method.uses_activity:
             entry["active"] = activity_by_name(self.adapters)
         self.history.append(entry)
-        monitor.write(self.engine.monitor, monitor.allocation_events(entry, self.budget, self.engine.global_samples))
+        x = self.engine.global_samples
+        monitor.write(self.engine.monitor, monitor.allocation_events(entry, self.budget, x))
+        monitor.write_rank_histogram(self.engine.monitor, ranks, x)
         self._write_history()
         return entry
 

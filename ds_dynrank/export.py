@@ -7,6 +7,7 @@ Per module, only live slots are written, gates are folded into B, and the scalin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,18 @@ import torch
 from ds_dynrank.lora import Conv1D, LoRALinear, adapter_state_tensors
 
 PEFT_PREFIX = "base_model.model."
+SERVING_FILE = "dynrank_serving.json"
+# vLLM serves LoRA only at these max_lora_rank values, and pre-allocates every adapter at that maximum
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def serving_note(ranks: dict[str, int]) -> dict:
+    """What serving the adapter takes: its largest module rank, and the smallest vLLM max_lora_rank that holds it
+    (None above vLLM's largest): a heterogeneous adapter costs its largest module's rank at serving time."""
+    largest = max(ranks.values())
+    fits = [r for r in VLLM_MAX_LORA_RANKS if r >= largest]
+    return {"max_module_rank": largest, "vllm_max_lora_rank": fits[0] if fits else None,
+            "modules": len(ranks), "total_rank": sum(ranks.values())}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,7 @@ def write_peft_adapter(
     try:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / SERVING_FILE).write_text(json.dumps(serving_note(ranks), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

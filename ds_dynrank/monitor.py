@@ -21,6 +21,31 @@ def allocation_events(entry: dict, target_budget: float, step: int) -> list[Even
     return events
 
 
+def summary_writer(monitor):
+    """DeepSpeed's own TensorBoard writer (rank 0, TensorBoard enabled), for what scalars cannot show; else None."""
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return None
+    return getattr(getattr(monitor, "tb_monitor", None), "summary_writer", None)
+
+
+def write_rank_histogram(monitor, ranks: dict[str, int], step: int) -> None:
+    """The live ranks of every module as one histogram: the allocation at a glance, beside the per-module cards."""
+    writer = summary_writer(monitor)
+    if writer is not None and ranks:
+        import torch
+
+        writer.add_histogram("DynRank/live_ranks", torch.tensor(list(ranks.values()), dtype=torch.float32), step)
+        writer.flush()
+
+
+def write_image(monitor, tag: str, image, step: int) -> None:
+    """An RGB image [H, W, 3] (uint8 array) under `tag`."""
+    writer = summary_writer(monitor)
+    if writer is not None:
+        writer.add_image(tag, image, step, dataformats="HWC")
+        writer.flush()
+
+
 def scalar_events(prefix: str, values: dict[str, float], step: int) -> list[Event]:
     return [(f"{prefix}/{key}", float(value), step) for key, value in values.items()]
 

@@ -106,7 +106,7 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
     import ds_dynrank
     from ds_dynrank import dist
     from ds_dynrank.config import from_ds_config
-    from ds_dynrank.task.data import collate_train
+    from ds_dynrank.task.classification import collate_train
     from ds_dynrank.task.models import load_model_and_tokenizer
 
     ds_config = copy.deepcopy(base_cfg)
@@ -191,7 +191,7 @@ def main() -> int:
     from ds_dynrank import dist
     from ds_dynrank.config import load_ds_config
     from ds_dynrank.ds_config import bf16_available, resolve
-    from ds_dynrank.task.data import build_task, collate_train
+    from ds_dynrank.task.classification import build_task, collate_train
     from ds_dynrank.task.models import load_model_and_tokenizer
 
     dist.init()

@@ -127,7 +127,7 @@ def label(task: str) -> str:
 def validation_task(out: Path, task: str) -> tuple[str, str]:
     """(CSV path, prompt) of the task's training split alone: a run on it holds out a fixed quarter of the training
     sentences and never reads the test split. The prompt stays the original task's."""
-    from ds_dynrank.task.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table, task_template
+    from ds_dynrank.task.classification import EVAL_FRACTION, SPLIT_SEED, load_table, split_table, task_template
 
     dataset = TASKS.get(task, task)
     path = out / "validation" / f"{label(task)}-validation.csv"
@@ -163,6 +163,8 @@ def run_one(args, task: str, method: str, built: tuple[str, dict], seed: int) ->
         str(REPO / "launch" / script),
         "--deepspeed",
         str(config_path),
+        "--task",
+        "classification",  # the sentence tasks (the SFT benchmark is issue 23's)
         "--dataset",
         TASKS.get(task, task),
         "--seed",

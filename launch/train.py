@@ -1,4 +1,5 @@
-"""Fine-tune a causal LM with ds_dynrank LoRA adapters under DeepSpeed (ZeRO 0-3).
+"""Fine-tune a causal LM with ds_dynrank LoRA adapters under DeepSpeed (ZeRO 0-3): supervised fine-tuning on
+instruction and chat data (the default), or label classification (--task classification).
 
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json          # 2 processes (CPU: gloo)
     torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero3.json
@@ -43,19 +44,19 @@ def check_inputs(args):
     check_launch_env()
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    task = job.build_data(args, tokenizer)
-    validation = job.hold_out_validation(task, cfg, args.seed)
+    data = job.build_data(args, tokenizer)
+    validation = job.hold_out_validation(data, cfg, args.seed)
     resume = None
     if args.resume:
         resume = checkpoint.resolve(args.resume, RunDir(args.output_dir or ".").checkpoints)
         checkpoint.check_resumable(
             *resume, method=cfg.method, modules=select_targets(model, cfg), world_size=launch_world_size()
         )
-    return ds_config, cfg, model, task, resume, validation
+    return ds_config, cfg, model, data, resume, validation
 
 
 def train(args) -> dict:
-    ds_config, cfg, model, task, resume, validation = check_inputs(args)  # user input first
+    ds_config, cfg, model, data, resume, validation = check_inputs(args)  # user input first
     import torch
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
@@ -63,6 +64,8 @@ def train(args) -> dict:
     import ds_dynrank
     from ds_dynrank import checkpoint, dist, monitor
     from ds_dynrank.ds_config import bf16_available, resolve
+    from ds_dynrank.export import serving_note
+    from ds_dynrank.lora import ranks_by_name
     from ds_dynrank.rundir import RunDir
     from ds_dynrank.task import job
     from ds_dynrank.task.runtime import local_world_size, share_cpu_threads
@@ -73,26 +76,29 @@ def train(args) -> dict:
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=run.path, bf16_supported=bf16_available(accel))
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
+    items, collate = data.training_items()  # packed rows, or the examples
     dynrank = ds_dynrank.initialize(
         model,
         ds_config,
         total_steps=args.max_steps,
-        steps_per_epoch=job.steps_per_epoch(len(task.train), micro, accumulation, dist.world_size()),
+        steps_per_epoch=job.steps_per_epoch(len(items), micro, accumulation, dist.world_size()),
         output_dir=run.path,
         validation=validation,
         resume=resume,
     )
     allocated_initial = dynrank.allocated_parameters()
-    sampler, loader = job.train_loader(task, args, micro)
-    run_eval = job.evaluator(task, args)
+    if args.packing:  # before any step: a model whose attention lets packed examples see each other is refused
+        job.check_packing_isolation(dynrank.engine, data)
+    sampler, loader = job.train_loader(items, collate, args, micro)
+    run_eval = job.evaluator(data)
 
-    loop = {"epoch": 0, "batch": 0}  # where the next micro-batch comes from: resumed runs see the same data
+    loop = {"epoch": 0, "batch": 0, "tokens": 0}  # where the next micro-batch comes from, tokens seen so far
     if resume:
         client = dynrank.client_state
-        loop, history, baseline = client["loop"], client["eval_history"], client["baseline"]
+        loop, history, baseline = {"tokens": 0, **client["loop"]}, client["eval_history"], client["baseline"]
         saved_world = checkpoint.read_meta(*resume)["world_size"]
         if saved_world != dist.world_size():  # universal: continue after the same number of samples of the epoch
-            loop = {"epoch": loop["epoch"], "batch": loop["batch"] * saved_world // dist.world_size()}
+            loop["batch"] = loop["batch"] * saved_world // dist.world_size()
     else:
         baseline = run_eval(dynrank.engine)
         history = [{"step": 0, **baseline}]
@@ -112,13 +118,14 @@ def train(args) -> dict:
         desc="train",
         dynamic_ncols=True,
     )
-    start, window_loss, window_micro = time.time(), torch.zeros(1), 0
+    start, window = time.time(), torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens
     while dynrank.engine.global_steps < args.max_steps:
         sampler.set_epoch(loop["epoch"])
         for index, batch in enumerate(loader):
             if index < loop["batch"]:
                 continue  # consumed before the checkpoint we resumed from
             loop["batch"] = index + 1
+            tokens = job.batch_tokens(batch)
             device = dynrank.engine.device
             loss = dynrank.engine(**{k: v.to(device) for k, v in batch.items()}).loss
             job.stop_on_non_finite(loss, dynrank.engine, run.checkpoints)  # collective: every rank stops together
@@ -126,6 +133,8 @@ def train(args) -> dict:
             at_boundary = dynrank.engine.is_gradient_accumulation_boundary()
             dynrank.engine.step()
             event = dynrank.after_step()  # collective; re-allocates when the schedule says so
+            if event:
+                job.log_allocation(dynrank)
             if event and event["modules_changed"] and dist.is_main():
                 active = f", {sum(event['active'].values())} modules active" if "active" in event else ""
                 bar.write(
@@ -133,15 +142,24 @@ def train(args) -> dict:
                     f"{event['modules_changed']} modules, budget {event['budget']} {event['budget_unit']}"
                     f"{active}"
                 )
-            window_loss += loss.detach().float().cpu()
-            window_micro += 1
+            window += torch.tensor([float(loss.detach()), 1.0, float(tokens)], dtype=torch.float64)
             if not at_boundary:
                 continue
             engine = dynrank.engine
-            mean_loss = (dist.all_reduce_sum(window_loss.to(device)) / (window_micro * dist.world_size())).item()
-            window_loss, window_micro = torch.zeros(1), 0
+            loss_sum, micro_batches, step_tokens = dist.all_reduce_sum(window.to(device)).tolist()
+            window.zero_()
+            loop["tokens"] += int(step_tokens)
+            mean_loss = loss_sum / micro_batches
             step, elapsed = engine.global_steps, time.time() - start
-            train_values = {"train_loss": mean_loss, "samples_per_sec": engine.global_samples / elapsed}
+            train_values = {
+                "train_loss": mean_loss,
+                "samples_per_sec": engine.global_samples / elapsed,
+                "tokens_seen": loop["tokens"],
+                "tokens_per_sec": loop["tokens"] / elapsed,
+            }
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                train_values["grad_norm"] = float(grad_norm)
             monitor.write(engine.monitor, monitor.scalar_events("Train/Samples", train_values, engine.global_samples))
             del engine
             bar.update(1)
@@ -153,20 +171,23 @@ def train(args) -> dict:
             if step >= args.max_steps:
                 break
         else:
-            loop = {"epoch": loop["epoch"] + 1, "batch": 0}
+            loop = {**loop, "epoch": loop["epoch"] + 1, "batch": 0}
     bar.close()
     final = run_eval(dynrank.engine)
     history.append({"step": dynrank.engine.global_steps, **final})
     save_checkpoint()
     wall = time.time() - start
     metrics = {
-        "metric": "accuracy",
-        "value": final["accuracy"],
-        "baseline_value": baseline["accuracy"],
-        "eval_loss": final["eval_loss"],
-        "eval_examples": len(task.eval),
+        "task": data.task,
+        "metric": data.headline,
+        "value": final[data.headline],
+        "baseline_value": baseline[data.headline],
+        **final,  # eval_loss, and accuracy (classification) or perplexity, token_accuracy, exact_match (SFT)
+        "baseline": baseline,  # the same metrics at step 0, before any training
+        "eval_examples": data.eval_examples,
         "steps": dynrank.engine.global_steps,
         "samples": dynrank.engine.global_samples,
+        "tokens": loop["tokens"],
         "wall_seconds": round(wall, 2),
         "trainable_parameters": dynrank.allocated_parameters(),  # the physical backend changes it
         "trainable_parameters_initial": allocated_initial,
@@ -177,14 +198,15 @@ def train(args) -> dict:
         "reallocation_events": len(dynrank.history) - 1,
         "final_budget": dynrank.budget_in_use(),
         "budget_unit": dynrank.bounds.unit,
+        "serving": serving_note(ranks_by_name(dynrank.adapters)),  # also adapter/dynrank_serving.json
         "eval_history": history,
     }
     dynrank.export_adapter(run.adapter, base_model=base_model)  # collective
     if dist.is_main():
         run.write_metrics(metrics)
         print(
-            f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after "
-            f"{dynrank.engine.global_steps} steps in {wall:.0f} s; outputs in {run.path}",
+            f"{job.summary(data, baseline, final)} after {dynrank.engine.global_steps} steps in {wall:.0f} s; "
+            f"outputs in {run.path}",
             flush=True,
         )
     # one write (text and newline together) so lines from ranks sharing one stdout (mpirun, srun) do not interleave

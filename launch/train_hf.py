@@ -22,10 +22,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
+    from ds_dynrank.errors import UserInputError
+    from ds_dynrank.task import job
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "hf_zero2_l1ra.json"))
-    p.add_argument("--model", default=None)
-    p.add_argument("--dataset", default=None)
+    job.add_data_args(p)  # the same data as the main job: --task, --dataset, --format, ...
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
@@ -40,23 +42,27 @@ def main() -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    try:
+        args = job.check_data_args(p.parse_args())
+    except UserInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     from deepspeed.accelerator import get_accelerator
     from transformers import TrainingArguments, set_seed
 
     from ds_dynrank import dist
-    from ds_dynrank.errors import UserInputError
     from ds_dynrank.hf import DynRankTrainer
     from ds_dynrank.lora import ranks_by_name
     from ds_dynrank.rundir import write_json
-    from ds_dynrank.task.data import build_task, collate_train
     from ds_dynrank.task.models import load_model_and_tokenizer
 
     try:
         set_seed(args.seed)
         model, tokenizer = load_model_and_tokenizer(args.model)
-        task = build_task(tokenizer, args.dataset, max_eval_samples=1)
+        data = job.build_data(args, tokenizer)
+        if args.packing:
+            raise UserInputError("--packing: the main job packs (launch/train.py); this example trains unpacked")
         training = TrainingArguments(
             output_dir=args.output_dir,
             deepspeed=args.deepspeed,
@@ -73,12 +79,7 @@ def main() -> int:
             remove_unused_columns=False,
             use_cpu=get_accelerator().device_name() == "cpu",
         )
-        trainer = DynRankTrainer(
-            model=model,
-            args=training,
-            train_dataset=task.train,
-            data_collator=lambda b: collate_train(b, task.candidate_ids, task.pad_id),
-        )
+        trainer = DynRankTrainer(model=model, args=training, train_dataset=data.train, data_collator=data.collate)
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

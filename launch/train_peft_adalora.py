@@ -75,7 +75,7 @@ def train(args) -> dict:
     raw.pop("dynrank", None)
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    task = job.build_data(args, tokenizer)
+    data = job.build_data(args, tokenizer)
     model = get_peft_model(model, peft_cfg)
     dist.init(timeout_s=args.dist_timeout)
     run = RunDir(job.shared_output_dir(args, prefix="peft_adalora_"))
@@ -84,8 +84,9 @@ def train(args) -> dict:
     ds_config = resolve(raw, max_steps=args.max_steps, output_dir=run.path, bf16_supported=bf16_available(accel))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    sampler, loader = job.train_loader(task, args, engine.train_micro_batch_size_per_gpu())
-    run_eval = job.evaluator(task, args)
+    items, collate = data.training_items()
+    sampler, loader = job.train_loader(items, collate, args, engine.train_micro_batch_size_per_gpu())
+    run_eval = job.evaluator(data)
 
     baseline = run_eval(engine)
     history = [{"step": 0, **baseline}]
@@ -94,6 +95,7 @@ def train(args) -> dict:
     while engine.global_steps < args.max_steps:
         sampler.set_epoch(epoch)
         for batch in loader:
+            job.batch_tokens(batch)  # (packed rows carry their count; the model takes no such input)
             loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss  # includes PEFT's orth. reg.
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():  # reduced grads, before the step: PEFT's placement
@@ -113,11 +115,13 @@ def train(args) -> dict:
     pattern = peft_cfg.rank_pattern or {}
     ranks = {module_name(name): int(sum(mask)) for name, mask in pattern.items()}
     metrics = {
-        "metric": "accuracy",
-        "value": final["accuracy"],
-        "baseline_value": baseline["accuracy"],
-        "eval_loss": final["eval_loss"],
-        "eval_examples": len(task.eval),
+        "task": data.task,
+        "metric": data.headline,
+        "value": final[data.headline],
+        "baseline_value": baseline[data.headline],
+        **final,
+        "baseline": baseline,
+        "eval_examples": data.eval_examples,
         "steps": engine.global_steps,
         "samples": engine.global_samples,
         "wall_seconds": round(time.time() - start, 2),
@@ -133,9 +137,8 @@ def train(args) -> dict:
         run.write_metrics(metrics)
         run.write_ranks(ranks)
         print(
-            f"accuracy {final['accuracy']:.4f} (untrained {baseline['accuracy']:.4f}) after "
-            f"{engine.global_steps} steps; final rank budget {sum(ranks.values())}; "
-            f"outputs in {run.path}"
+            f"{job.summary(data, baseline, final)} after {engine.global_steps} steps; final rank budget "
+            f"{sum(ranks.values())}; outputs in {run.path}"
         )
     dist.barrier()
     return metrics

@@ -15,12 +15,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import build_tiny_model_dir, l1ra_command, l1ra_config, sentences, subprocess_env, write_csv  # noqa: E402
+from helpers import (  # noqa: E402
+    build_tiny_chat_model_dir,
+    build_tiny_model_dir,
+    l1ra_command,
+    l1ra_config,
+    math_messages,
+    sentences,
+    subprocess_env,
+    write_csv,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_chat_model_dir(tmp_path_factory.mktemp("tiny_chat_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_jsonl(tmp_path_factory) -> Path:
+    """A small SFT file in `messages` format (its held-out quarter is split off by the job)."""
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "math.jsonl", math_messages(96))
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,64 @@ def build_tiny_model_dir(path: Path) -> Path:
     return path
 
 
+# SmolLM2's ChatML template without its default system prompt: the tiny chat model's, for the SFT tests
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
+    "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MATH_ROWS = [
+    ("What is 2 plus 3?", "5"),
+    ("What is 7 times 6?", "42"),
+    ("Is 9 more than 4?", "True"),
+    ("What is 10 minus 8?", "2"),
+    ("What is the gcd of 12 and 18?", "6"),
+    ("Solve 2*x = 8 for x.", "4"),
+]
+
+
+def build_tiny_chat_model_dir(path: Path) -> Path:
+    """A chat model directory like SmolLM2's, tiny: ChatML specials, a chat template, and pad = eos = <|im_end|>
+    (masking labels by the pad id would then also mask every end of turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    texts = [t for t, _ in sentences(200)] + [f"{q} {a} system user assistant" for q, a in MATH_ROWS] * 20
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")  # fmt: skip
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    ids = {s: fast.convert_tokens_to_ids(s) for s in specials}
+    config = tiny_llama_config(len(fast), bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
+                               pad_token_id=ids["<|im_end|>"])  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def math_messages(n: int, system: str = "Give only the final answer.") -> list[dict]:
+    """`n` conversations of the tiny math questions, in `messages` format."""
+    rows = []
+    for i in range(n):
+        q, a = MATH_ROWS[i % len(MATH_ROWS)]
+        rows.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q},
+                                  {"role": "assistant", "content": a}]})  # fmt: skip
+    return rows
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for launching the real entry points on this CPU machine."""
     env = dict(os.environ)
@@ -210,6 +268,8 @@ def l1ra_command(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
         str(model),
         "--dataset",
         str(data),
+        "--task",
+        "classification",
         "--max_steps",
         str(L1RA_STEPS),
         "--eval_interval",

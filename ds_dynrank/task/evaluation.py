@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_dynrank import dist
-from ds_dynrank.task.data import TaskData, shard_for_rank
+from ds_dynrank.task.classification import TaskData, shard_for_rank
 
 
 def candidate_logprobs(

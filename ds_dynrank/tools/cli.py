@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             from ds_dynrank.task import assets
 
-            print(f"dataset: {assets.default_dataset_csv()}")
-            print(f"second benchmark dataset: {assets.uncertainty_dataset_csv()}")
-            print(f"model:   {assets.default_model_dir()}")
+            print(f"SFT dataset (default): {assets.math_dataset_dir()}")
+            print(f"SFT dataset (chat): {assets.sharegpt_dir()}")
+            print(f"classification dataset: {assets.default_dataset_csv()}")
+            print(f"second classification dataset: {assets.uncertainty_dataset_csv()}")
+            print(f"model: {assets.default_model_dir()}")
         elif args.command == "reshard":
             from ds_dynrank.checkpoint import to_universal
 

@@ -222,6 +222,20 @@ def _save(fig, path: Path) -> Path:
 
 def plot_heatmap(history: list[dict], path: Path) -> Path:
     """Final rank per type x layer; hatched cells are modules the last event left inactive (not trained)."""
+    return _save(heatmap_figure(history), path)
+
+
+def heatmap_image(history: list[dict]):
+    """The heatmap as an RGB array [H, W, 3] (uint8), for TensorBoard's image tab."""
+    import numpy as np
+
+    fig = heatmap_figure(history)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def heatmap_figure(history: list[dict]):
+    """The latest rank per type x layer as a Figure (see plot_heatmap)."""
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
@@ -256,7 +270,7 @@ def plot_heatmap(history: list[dict], path: Path) -> Path:
     ax.set_xlabel("layer")
     hatched = "; red hatching: inactive" if active is not None else ""
     ax.set_title(f"Final rank per module (step {history[-1]['step']}{hatched})", fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 def _steps(history: list[dict], end_step: int | None) -> list[int]:

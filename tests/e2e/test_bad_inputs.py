@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, error_lines, subprocess_env
+from helpers import PYTHON, REPO, error_lines, math_messages, subprocess_env, write_jsonl
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -21,28 +21,50 @@ def _config(tmp_path, **dynrank) -> str:
 
 
 CASES = {
+    "sft_messages_without_a_chat_template": (  # the tiny classification model's tokenizer has no chat template
+        lambda tmp, m, d: ["--model", m, "--dataset", str(write_jsonl(tmp / "chat.jsonl", math_messages(8)))],
+        r"^error: --format: 'messages' rows are rendered with the model's chat template, and this tokenizer has none",
+    ),
+    "sft_mixed_formats": (
+        lambda tmp, m, d: [
+            "--model",
+            m,
+            "--dataset",
+            str(write_jsonl(tmp / "mixed.jsonl", [{"prompt": "q", "completion": "a"}] * 3 + [{"text": "t"}])),
+        ],
+        r"^error: .*mixed\.jsonl: row 4: is in format 'text', but the file is 'prompt-completion' \(mixed formats\)$",
+    ),
     "typo": (
-        lambda tmp, m, d: ["--deepspeed", _config(tmp, lora_rank=4), "--model", m, "--dataset", d],
+        lambda tmp, m, d: [
+            "--deepspeed",
+            _config(tmp, lora_rank=4),
+            "--model",
+            m,
+            "--dataset",
+            d,
+            "--task",
+            "classification",
+        ],
         r"^error: dynrank\.lora_rank: unknown key \(known keys: method, target_modules, .*\)$",
     ),
     "negative_rank": (
-        lambda tmp, m, d: ["--deepspeed", _config(tmp, r=-2), "--model", m, "--dataset", d],
+        lambda tmp, m, d: ["--deepspeed", _config(tmp, r=-2), "--model", m, "--dataset", d, "--task", "classification"],
         r"^error: dynrank\.r: Input should be greater than or equal to 1 \(got -2\)$",
     ),
     "missing_model": (
-        lambda tmp, m, d: ["--model", str(tmp / "no_such_model"), "--dataset", d],
+        lambda tmp, m, d: ["--model", str(tmp / "no_such_model"), "--dataset", d, "--task", "classification"],
         r"^error: --model: local path not found: .*no_such_model$",
     ),
     "unknown_column": (
-        lambda tmp, m, d: ["--model", m, "--dataset", d, "--text_column", "review"],
+        lambda tmp, m, d: ["--model", m, "--dataset", d, "--task", "classification", "--text_column", "review"],
         r"^error: --text_column: column 'review' not in the dataset \(its columns: text, label\)$",
     ),
     "missing_checkpoint": (
-        lambda tmp, m, d: ["--model", m, "--dataset", d, "--resume", str(tmp / "nothing")],
+        lambda tmp, m, d: ["--model", m, "--dataset", d, "--task", "classification", "--resume", str(tmp / "nothing")],
         r"^error: --resume: no checkpoint in .*nothing \(expected a 'latest' file or ",
     ),
     "bad_flag_value": (
-        lambda tmp, m, d: ["--model", m, "--dataset", d, "--max_steps", "0"],
+        lambda tmp, m, d: ["--model", m, "--dataset", d, "--task", "classification", "--max_steps", "0"],
         r"^error: --max_steps: must be >= 1, got 0$",
     ),
     "schedule_never_fires": (
@@ -53,6 +75,8 @@ CASES = {
             m,
             "--dataset",
             d,
+            "--task",
+            "classification",
             "--max_steps",
             "10",
         ],
@@ -67,6 +91,8 @@ CASES = {
             m,
             "--dataset",
             d,
+            "--task",
+            "classification",
         ],
         r"^error: dynrank\.alora\.val_samples: 5000 leaves no training data",
     ),
@@ -101,6 +127,8 @@ def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_p
         str(tiny_model_dir),
         "--dataset",
         str(tiny_csv),
+        "--task",
+        "classification",
         "--output_dir",
         str(tmp_path / "out"),
     ]
@@ -122,6 +150,8 @@ def test_checkpoint_of_another_model_or_config_is_refused(tiny_model_dir, tiny_c
         str(tiny_model_dir),
         "--dataset",
         str(tiny_csv),
+        "--task",
+        "classification",
         "--max_steps",
         "2",
         "--eval_interval",

@@ -1,6 +1,7 @@
-"""The HF Trainer integration, 2 processes under ZeRO-2: DynRankTrainer's callback drives L1RA's events at
-optimizer steps, ranks move with the budget held, every rank ends with the same allocation, and a run resumed from
-one of Trainer's own checkpoints continues the allocation history exactly."""
+"""The HF Trainer integration, 2 processes under ZeRO-2, on the main job's SFT data (a chat model, `messages`
+rows): DynRankTrainer's callback drives L1RA's events at optimizer steps, ranks move with the budget held, every
+rank ends with the same allocation, and a run resumed from one of Trainer's own checkpoints continues the
+allocation history exactly."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _command(cfg, model, data, out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trainer_run(tmp_path_factory, tiny_model_dir, tiny_csv):
+def trainer_run(tmp_path_factory, tiny_chat_model_dir, tiny_sft_jsonl):
     """The uninterrupted Trainer run (checkpoints every 4 steps) the tests below read: (config, output dir)."""
     directory = tmp_path_factory.mktemp("hf")
     cfg = json.loads((REPO / "ds_configs" / "hf_zero2_l1ra.json").read_text())
@@ -50,7 +51,7 @@ def trainer_run(tmp_path_factory, tiny_model_dir, tiny_csv):
     path.write_text(json.dumps(cfg))
     out = directory / "whole"
     result = subprocess.run(
-        _command(path, tiny_model_dir, tiny_csv, out),
+        _command(path, tiny_chat_model_dir, tiny_sft_jsonl, out),
         cwd=REPO,
         env=subprocess_env(),
         capture_output=True,
@@ -78,12 +79,14 @@ def test_trainer_drives_l1ra_and_ranks_agree(trainer_run):
 
 
 @pytest.mark.e2e
-def test_trainer_resumes_the_allocation_from_its_own_checkpoint(trainer_run, tiny_model_dir, tiny_csv, tmp_path):
+def test_trainer_resumes_the_allocation_from_its_own_checkpoint(
+    trainer_run, tiny_chat_model_dir, tiny_sft_jsonl, tmp_path
+):
     cfg, whole = trainer_run
     assert (whole / "checkpoint-8" / "dynrank_state.pt").is_file()  # written beside Trainer's own files
     resumed = tmp_path / "resumed"
     shutil.copytree(whole / "checkpoint-8", resumed / "checkpoint-8")  # as if the job had stopped after step 8
-    cmd = _command(cfg, tiny_model_dir, tiny_csv, resumed, "--resume")
+    cmd = _command(cfg, tiny_chat_model_dir, tiny_sft_jsonl, resumed, "--resume")
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     assert _events(resumed) == _events(whole)  # steps, ranks, budget and slots moved: the same history
@@ -102,6 +105,8 @@ def test_trainer_config_with_an_optimizer_is_refused(tiny_model_dir, tiny_csv, t
         str(tiny_model_dir),
         "--dataset",
         str(tiny_csv),
+        "--task",
+        "classification",
         "--output_dir",
         str(tmp_path / "o"),
     ]

@@ -28,6 +28,8 @@ def _job_args(config: str, model: Path, data: Path, out: Path) -> list[str]:
         str(model),
         "--dataset",
         str(data),
+        "--task",
+        "classification",
         "--max_steps",
         "6",
         "--eval_interval",

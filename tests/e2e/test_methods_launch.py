@@ -49,6 +49,8 @@ def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name:
         str(tiny_model_dir),
         "--dataset",
         str(tiny_csv),
+        "--task",
+        "classification",
         "--max_steps",
         str(steps),
         "--eval_interval",

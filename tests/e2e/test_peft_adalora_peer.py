@@ -14,7 +14,8 @@ SCRIPT = str(REPO / "launch" / "train_peft_adalora.py")
 
 
 @pytest.mark.e2e
-def test_peft_adalora_reaches_its_target_budget(tiny_model_dir, tiny_csv, tmp_path):
+def test_peft_adalora_reaches_its_target_budget(tiny_chat_model_dir, tiny_sft_jsonl, tmp_path):
+    """On the main job's SFT data (the same flags and data path as launch/train.py)."""
     cfg = json.loads((REPO / "ds_configs" / "zero0_peft_adalora.json").read_text())
     cfg["peft_adalora"].update(init_r=6, target_r=3, tinit=2, tfinal=3, deltaT=1)
     path = tmp_path / "cfg.json"
@@ -30,9 +31,9 @@ def test_peft_adalora_reaches_its_target_budget(tiny_model_dir, tiny_csv, tmp_pa
         "--deepspeed",
         str(path),
         "--model",
-        str(tiny_model_dir),
+        str(tiny_chat_model_dir),
         "--dataset",
-        str(tiny_csv),
+        str(tiny_sft_jsonl),
         "--max_steps",
         "10",
         "--eval_interval",
@@ -46,7 +47,7 @@ def test_peft_adalora_reaches_its_target_budget(tiny_model_dir, tiny_csv, tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     ranks = json.loads((out / "allocation.json").read_text())
-    assert metrics["method"] == "peft-adalora" and metrics["steps"] == 10
+    assert metrics["method"] == "peft-adalora" and metrics["steps"] == 10 and metrics["task"] == "sft"
     assert len(ranks) == 14 and all(name.startswith("model.layers.") and name.endswith("_proj") for name in ranks)
     assert metrics["final_budget"] == sum(ranks.values()) == 14 * 3
     assert len(set(ranks.values())) > 1  # PEFT moved rank between modules
@@ -58,7 +59,18 @@ def test_peft_adalora_refuses_zero_stages_where_its_masks_do_not_hold(tiny_model
     cfg["zero_optimization"]["stage"] = 2
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
-    cmd = [PYTHON, SCRIPT, "--deepspeed", str(path), "--model", str(tiny_model_dir), "--dataset", str(tiny_csv)]
+    cmd = [
+        PYTHON,
+        SCRIPT,
+        "--deepspeed",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_csv),
+        "--task",
+        "classification",
+    ]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "zero_optimization.stage: PEFT's AdaLoRA masks only hold under ZeRO-0, got 2" in result.stderr

@@ -60,7 +60,7 @@ def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_pat
 @pytest.mark.e2e
 def test_quality_validation_sweep_never_reads_the_test_split(tiny_model_dir, tiny_csv, tmp_path):
     """--validation trains and scores inside the training split; a method's overrides reach its config section."""
-    from ds_dynrank.task.data import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
+    from ds_dynrank.task.classification import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
 
     out = tmp_path / "sweep"
     cmd = [

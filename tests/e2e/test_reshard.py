@@ -31,6 +31,8 @@ def test_two_process_checkpoint_resumes_on_one_process(name, tiny_model_dir, tin
             str(tiny_model_dir),
             "--dataset",
             str(tiny_csv),
+            "--task",
+            "classification",
             "--max_steps",
             str(steps),
             "--eval_interval",

@@ -61,6 +61,8 @@ def _train_args(config: str, model, data, out, steps: int = 8) -> list[str]:
         str(model),
         "--dataset",
         str(data),
+        "--task",
+        "classification",
         "--max_steps",
         str(steps),
         "--eval_interval",

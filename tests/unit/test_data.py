@@ -10,7 +10,7 @@ import torch
 from helpers import sentences, tiny_llama
 
 from ds_dynrank.errors import UserInputError
-from ds_dynrank.task.data import IGNORE, build_task, collate_train, shard_for_rank
+from ds_dynrank.task.classification import IGNORE, build_task, collate_train, shard_for_rank
 from ds_dynrank.task.evaluation import candidate_logprobs
 
 

@@ -33,7 +33,10 @@ PURE = [
     "launch_env.py",
     "backends/base.py",
     "methods/",
-    "task/data.py",
+    "task/classification.py",
+    "task/tables.py",
+    "task/sft.py",
+    "task/mathgen.py",
     "task/assets.py",
     "task/models.py",
 ]
