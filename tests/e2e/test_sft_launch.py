@@ -74,7 +74,12 @@ def test_sft_default_data_reports_loss_perplexity_and_exact_match(tiny_chat_mode
     ("name", "dynrank", "extra"),
     [
         ("zero2_alora.json", {"schedule": {"start": 3, "interval": 3}, "alora": {"val_samples": 4}}, ["--packing"]),
-        ("zero3_modalloc.json", {"schedule": {"interval": 3}}, ["--packing"]),
+        # and exact match decoded under ZeRO-3, where every generation step gathers the weights on every rank
+        (
+            "zero3_modalloc.json",
+            {"schedule": {"interval": 3}},
+            ["--packing", "--eval_generate", "6", "--max_new_tokens", "3"],
+        ),
         ("zero2_adalora.json", {"adalora": {"tinit": 2, "tfinal": 2, "delta_t": 2}}, []),
     ],
     ids=["alora-zero2-packed", "modalloc-physical-zero3-packed", "adalora-zero2"],
@@ -87,4 +92,5 @@ def test_every_method_trains_on_sft_batches(tiny_chat_model_dir, tiny_sft_jsonl,
     moved = [h for h in history[1:] if h["slots_changed"] or h.get("active") != history[0].get("active")]
     assert moved, f"{name}: no event changed anything"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"] == "sft" and metrics["metric"] == "eval_loss"  # no exact match asked for a user file
+    assert metrics["task"] == "sft"
+    assert metrics["metric"] == ("exact_match" if "--eval_generate" in extra else "eval_loss")  # a user file: asked

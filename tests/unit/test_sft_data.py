@@ -294,3 +294,51 @@ def test_sharegpt_conversations_train_on_every_assistant_turn(tok):
     multi = [e for e in data.eval if len(spans(e)) > 1]
     assert multi, "no multi-turn conversation in the held-out sample"
     assert all(labelled(tok, e).count("<|im_end|>") == len(spans(e)) for e in data.eval)
+
+
+def test_a_template_that_rewrites_the_beginning_is_refused(tok):
+    """Masks come from the templated prefix: a template whose beginning depends on what follows (here, the number of
+    messages) cannot be masked exactly, and says so."""
+    saved = tok.chat_template
+    tok.chat_template = "{{ messages | length }}" + CHATML
+    try:
+        with pytest.raises(UserInputError, match=r"f: row 1: the chat template does not render the conversation's"):
+            encode_row(tok, math_messages(1)[0], "messages", "f: row 1")
+    finally:
+        tok.chat_template = saved
+
+
+class CumulativeModel(torch.nn.Module):
+    """Logits = running sum of token embeddings: restarting it at each example (reading position ids) keeps packed
+    examples apart; summing over the whole row (ignoring them) lets every example see the ones before it."""
+
+    def __init__(self, isolates: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(400, 8)
+        self.isolates = isolates
+        self.device = "cpu"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        x = self.embed(input_ids)
+        if self.isolates and position_ids is not None:
+            starts = (position_ids == 0).cumsum(-1)  # which example each token belongs to
+            out = torch.zeros_like(x)
+            for seg in starts.unique():
+                at = starts[0] == seg
+                out[:, at] = x[:, at].cumsum(1)
+            return SimpleNamespace(logits=out)
+        return SimpleNamespace(logits=x.cumsum(1))
+
+    @property
+    def module(self):
+        return self
+
+
+def test_packing_is_refused_for_a_model_that_lets_examples_see_each_other(tok):
+    from ds_dynrank.task.job import JobData, check_packing_isolation
+
+    examples = [encode_row(tok, row, "messages", "f") for row in math_messages(4)]
+    job = JobData("sft", examples, lambda b: collate(b, 0), lambda e: {}, "eval_loss", 0)
+    check_packing_isolation(CumulativeModel(isolates=True), job)  # keeps them apart: accepted
+    with pytest.raises(UserInputError, match=r"--packing: this model's attention does not keep packed examples"):
+        check_packing_isolation(CumulativeModel(isolates=False), job)
