@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ds_dynrank import checkpoint, dist, monitor
+from ds_dynrank import checkpoint, dist, holds, monitor
 from ds_dynrank.allocation import Plan, budget_used, identity_plan
 from ds_dynrank.backends.base import Attachment, SlotMap
 from ds_dynrank.context import EngineContext
@@ -175,6 +175,7 @@ class DynRank:
             self.apply(plan)
         else:
             self.method.after_event(plan, SlotMap.in_place(plan, capacity_M))
+        holds.hold("event", self.applied_steps)  # tests kill the run here: reshaped, not yet recorded
         self.check_consistent()
         return self._record(self.applied_steps, changed_slots, time.perf_counter() - start, changed_modules)
 
@@ -281,12 +282,20 @@ class DynRank:
         return Path(out)
 
     def save_checkpoint(
-        self, root: str | Path, tag: str, *, client_state: dict | None = None, meta: dict | None = None
+        self,
+        root: str | Path,
+        tag: str,
+        *,
+        client_state: dict | None = None,
+        meta: dict | None = None,
+        keep: int = 0,
     ) -> Path:
         """Collective: DeepSpeed's checkpoint with this controller's state in it, committed atomically
-        (`<root>/latest` names it only once every rank has written). `client_state`: the loop's own state."""
+        (`<root>/latest` names it only once every rank has written). `client_state`: the loop's own state;
+        `keep`: how many committed checkpoints to keep (0: all)."""
         client = {**(client_state or {}), "dynrank": self.state_dict()}
-        return checkpoint.save(self.engine, Path(root), tag, client, {**self.checkpoint_meta(), **(meta or {})})
+        meta = {**self.checkpoint_meta(), **(meta or {})}
+        return checkpoint.save(self.engine, Path(root), tag, client, meta, keep=keep)
 
     def load_checkpoint(self, root: str | Path, tag: str) -> dict:
         """Collective: restore a checkpoint `save_checkpoint` wrote (the engine must have been built for it, as

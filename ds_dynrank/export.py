@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ds_dynrank.lora import Conv1D, LoRALinear, adapter_state_tensors
+from ds_dynrank.rundir import follow_umask, temp_sibling
 
 PEFT_PREFIX = "base_model.model."
 SERVING_FILE = "dynrank_serving.json"
@@ -116,12 +116,12 @@ def write_peft_adapter(
         base_model_name_or_path=base_model,
     )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = temp_sibling(out, directory=True)
     try:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / SERVING_FILE).write_text(json.dumps(serving_note(ranks), indent=2) + "\n")
+        follow_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,5 +1,6 @@
 """The run directory: every file a run leaves there, by name, with its writer and its reader. Nothing else in the
-project spells these names. Writes are atomic (temp file + rename): readers see the old content or the new.
+project spells these names. Writes are atomic (temp file + rename): readers see the old content or the new, and
+files get the modes the user's umask gives.
 
     metrics.json             the run's results (written by the job at the end)
     allocation.json          {module: live rank}, the latest allocation
@@ -27,19 +28,53 @@ TENSORBOARD = "tensorboard"
 REPORT = "report"
 
 
-def write_json(path: Path, obj: Any) -> None:
+def umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (and, for a directory, everything in it) the modes a plain open() or mkdir() would have:
+    `tempfile` creates 0600 files and 0700 directories, which the rest of a team cannot read on a shared disk."""
+    mask = umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def temp_sibling(target: Path, directory: bool = False) -> Path:
+    """A temporary name next to `target` on the same filesystem, for writing there and renaming into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_text(path: Path, text: str, fsync: bool = False) -> None:
     """Never a half-written file: readers see the old content or the new, nothing in between."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = temp_sibling(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with open(tmp, "w") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic, as `write_text`."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

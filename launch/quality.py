@@ -154,12 +154,21 @@ def run_one(args, task: str, method: str, built: tuple[str, dict], seed: int) ->
     config_path = Path(args.out) / "configs" / f"{method}.json"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(cfg, indent=2))
+    port = str(free_port())
+    if args.launcher == "torchrun":
+        launcher = [
+            "torchrun",
+            "--nproc_per_node",
+            str(args.nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
+    else:
+        launcher = ["deepspeed", "--num_gpus", str(args.nproc), "--master_port", port]
     cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(args.nproc),
-        "--master_port",
-        str(free_port()),
+        *launcher,
         str(REPO / "launch" / script),
         "--deepspeed",
         str(config_path),
@@ -357,6 +366,7 @@ def main() -> int:
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--eval_samples", type=int, default=0, help="held-out examples (0: the whole split)")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="what starts each run")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--summarise_only", action="store_true", help="tabulate the finished runs; start none")
     p.add_argument("--validation", action="store_true", help="train and score inside each task's training split")

@@ -42,13 +42,17 @@ def check_inputs(args):
     from ds_dynrank.task.models import load_model_and_tokenizer
 
     check_launch_env()
+    resume, checkpoints = None, RunDir(args.output_dir or ".").checkpoints
+    if args.resume == "auto":  # a requeued job: continue if an earlier attempt committed a checkpoint
+        args.resume = "latest" if checkpoint.latest_tag(checkpoints) else None
+    if args.resume:  # what the checkpoint alone can refuse, before the model and data load
+        resume = checkpoint.resolve(args.resume, checkpoints)
+        checkpoint.check_world_size(*resume, launch_world_size())
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
     data = job.build_data(args, tokenizer)
     validation = job.hold_out_validation(data, cfg, args.seed)
-    resume = None
-    if args.resume:
-        resume = checkpoint.resolve(args.resume, RunDir(args.output_dir or ".").checkpoints)
+    if resume:
         checkpoint.check_resumable(
             *resume, method=cfg.method, modules=select_targets(model, cfg), world_size=launch_world_size()
         )
@@ -56,14 +60,26 @@ def check_inputs(args):
 
 
 def train(args) -> dict:
+    from ds_dynrank.preemption import StopRequest
+
+    stop = StopRequest().install()  # SIGTERM / SIGUSR1 from here on are a request to stop at a step boundary
+    try:
+        return train_loop(args, stop)
+    finally:
+        stop.uninstall()
+
+
+def train_loop(args, stop) -> dict:
+    """The job itself: inputs checked, DeepSpeed up, the loop, the final evaluation, export and metrics."""
     ds_config, cfg, model, data, resume, validation = check_inputs(args)  # user input first
     import torch
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
 
     import ds_dynrank
-    from ds_dynrank import checkpoint, dist, monitor
+    from ds_dynrank import checkpoint, dist, holds, monitor
     from ds_dynrank.ds_config import bf16_available, resolve
+    from ds_dynrank.errors import Preempted
     from ds_dynrank.export import serving_note
     from ds_dynrank.lora import ranks_by_name
     from ds_dynrank.rundir import RunDir
@@ -105,11 +121,14 @@ def train(args) -> dict:
 
     base_model = dynrank.base_model() or str(args.model)
 
-    def save_checkpoint() -> None:
-        state = {"loop": dict(loop), "eval_history": history, "baseline": baseline}
-        dynrank.save_checkpoint(
-            run.checkpoints, f"step{dynrank.engine.global_steps}", client_state=state, meta={"base_model": base_model}
+    def save_checkpoint() -> str:
+        state, tag = (
+            {"loop": dict(loop), "eval_history": history, "baseline": baseline},
+            f"step{dynrank.engine.global_steps}",
         )
+        meta, keep = {"base_model": base_model}, args.save_total_limit
+        dynrank.save_checkpoint(run.checkpoints, tag, client_state=state, meta=meta, keep=keep)
+        return tag
 
     bar = tqdm(
         total=args.max_steps,
@@ -166,8 +185,19 @@ def train(args) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 history.append({"step": step, **run_eval(dynrank.engine)})
-            if args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
+            saved = args.save_interval and step % args.save_interval == 0 and step < args.max_steps
+            if saved:
                 save_checkpoint()
+            holds.hold("step", step, release=lambda d=device: bool(stop.agreed(d)))  # tests signal the run here
+            signalled = stop.agreed(device)  # collective: every rank stops at this same boundary, or none
+            if signalled and step < args.max_steps:
+                tag = f"step{step}" if saved else save_checkpoint()
+                bar.close()
+                here = f" ({stop.name} here)" if stop.signum is not None else ""
+                raise Preempted(
+                    f"a stop signal reached rank(s) {signalled}{here}; checkpoint {run.checkpoints / tag} is "
+                    f"committed at step {step}. Continue with --resume (the shipped sbatch scripts requeue)"
+                )
             if step >= args.max_steps:
                 break
         else:

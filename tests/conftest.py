@@ -82,18 +82,28 @@ def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
+# The workers come from a fork server that imported these once per test session: a spawned worker spends about
+# 10 s importing them again. The server imports and never runs torch ops (no thread pools exist when it forks), and
+# each worker sets its own environment (_worker), so nothing of one test reaches the next.
+FORKSERVER_PRELOAD = ["torch", "deepspeed", "transformers", "transformers.modeling_utils", "peft", "ds_dynrank"]
+
+
 @pytest.fixture
 def run_distributed(tmp_path):
     """run_distributed(fn, *args, world_size=2) runs fn(rank, world_size, *args) in N gloo processes.
 
     fn must be importable (module level). A failure in any process fails the test; the others are terminated.
     """
+    import multiprocessing
+
     import torch.multiprocessing as mp
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
 
     def run(fn, *args, world_size: int = 2) -> None:
         store = f"file://{tmp_path / 'store'}"
         mp.start_processes(
-            _worker, args=(world_size, store, fn, args), nprocs=world_size, join=True, start_method="spawn"
+            _worker, args=(world_size, store, fn, args), nprocs=world_size, join=True, start_method="forkserver"
         )
 
     return run

@@ -253,14 +253,31 @@ def l1ra_config(directory: Path, name: str) -> str:
     return str(path)
 
 
-def l1ra_command(cfg: str, model: Path, data: Path, out: Path) -> list[str]:
-    """The 2-process job under the DeepSpeed launcher: 12 steps, evaluated at 6 and 12, a checkpoint every 2."""
+def two_processes(port: int | None = None) -> list[str]:
+    """The launcher of the 2-process runs that do not test the launcher: torchrun starts in about 3 s, the
+    DeepSpeed launcher in about 10 (two Pythons that import DeepSpeed before the ranks start). The runs that are
+    about the deepspeed launcher itself (test_launch, the README's commands, exit codes, preemption through it)
+    call it by name."""
     return [
-        "deepspeed",
-        "--num_gpus",
+        "torchrun",
+        "--nproc_per_node",
         "2",
+        "--master_addr",
+        "127.0.0.1",
         "--master_port",
-        str(free_port()),
+        str(port or free_port()),
+    ]
+
+
+def deepspeed_launcher(port: int | None = None) -> list[str]:
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port or free_port())]
+
+
+def l1ra_command(cfg: str, model: Path, data: Path, out: Path, launcher: list[str] | None = None) -> list[str]:
+    """The 2-process job (torchrun unless `launcher` says otherwise): 12 steps, evaluated at 6 and 12, a
+    checkpoint every 2."""
+    return [
+        *(two_processes() if launcher is None else launcher),
         str(REPO / "launch" / "train.py"),
         "--deepspeed",
         cfg,

@@ -108,14 +108,15 @@ class Cluster:
         self._run(["slurmctld", "-f", str(self.conf)])
         for node in NODES:
             self._run(["slurmd", "-N", node, "-f", str(self.conf)])
-        self._wait_idle(timeout)
+        self.wait_idle(timeout)
 
     def _run(self, cmd: list[str]) -> None:
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed ({result.returncode}): {result.stderr.strip()}\n{self.logs()}")
 
-    def _wait_idle(self, timeout: float) -> None:
+    def wait_idle(self, timeout: float) -> None:
+        """Until both nodes are idle: after a cancel, nodes stay 'completing' until the step's processes are gone."""
         deadline, out = time.time() + timeout, ""
         while time.time() < deadline:
             out = subprocess.run(
@@ -134,6 +135,27 @@ class Cluster:
         if result.returncode != 0:
             raise RuntimeError(f"sbatch failed: {result.stderr.strip()}\n{self.logs()}")
         return result.stdout.strip().split(";")[0]
+
+    def signal(self, job_id: str, name: str | None, batch: bool = False) -> None:
+        """`scancel` the job: with a signal name, only signal it (`batch`: the batch script alone, as
+        `--signal=B:<name>@<time>` does); without, cancel it (SIGTERM to every process, SIGKILL after KillWait)."""
+        cmd = ["scancel", *([f"--signal={name}"] if name else []), *(["--batch"] if batch else []), job_id]
+        result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+
+    def fields(self, job_id: str) -> dict[str, str]:
+        out = subprocess.run(
+            ["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True, text=True, timeout=30
+        ).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait_requeued(self, job_id: str, timeout: float) -> None:
+        """Until Slurm counts the job's restart (it is back in the queue)."""
+        deadline = time.time() + timeout
+        while self.fields(job_id).get("Restarts", "0") == "0":
+            assert time.time() < deadline, f"job {job_id} was not requeued: {self.fields(job_id)}"
+            time.sleep(0.5)
 
     def wait(self, job_id: str, timeout: float) -> dict[str, str]:
         """Poll `scontrol show job` (sbatch --wait polls at 2, 8, 32 s); the job's fields once it has ended."""

@@ -19,12 +19,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.rundir import follow_umask, temp_sibling
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATASET = "mr-polarity"
@@ -55,9 +55,10 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     with _locked(target):
         if target.exists():
             return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        tmp = temp_sibling(target, directory=True)
         try:
             build(tmp)
+            follow_umask(tmp)
             built = tmp / target.name if (tmp / target.name).exists() else tmp
             os.replace(built, target)
         finally:

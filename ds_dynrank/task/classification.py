@@ -30,6 +30,7 @@ class TaskData:
     label_names: list[str]
     candidate_ids: list[list[int]]
     pad_id: int
+    dropped: int = 0  # rows with an empty text or label, under bad_rows="drop"
 
 
 def task_template(dataset: str | None) -> str:
@@ -45,6 +46,39 @@ def _check_columns(split, text_column: str, label_column: str) -> None:
             raise UserInputError(
                 f"{flag}: column {column!r} not in the dataset (its columns: {', '.join(split.column_names)})"
             )
+
+
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def usable_rows(table, text_column: str, label_column: str, bad_rows: str, name: str | None):
+    """Every split without rows whose text or label is empty (or, for a ClassLabel, missing): refused naming the
+    first such row as in the file (1-based), unless `bad_rows == "drop"`. Returns (table, rows dropped). An empty
+    label must never become a class of its own."""
+    dropped = 0
+    for split_name in list(table):
+        split = table[split_name]
+        _check_columns(split, text_column, label_column)
+        classes = hasattr(split.features[label_column], "names")
+        bad = [
+            i
+            for i, (text, label) in enumerate(zip(split[text_column], split[label_column]))
+            if _blank(text) or (label is None or label == -1 if classes else _blank(label))
+        ]
+        if not bad:
+            continue
+        if bad_rows != "drop":
+            first = split[bad[0]]
+            field = text_column if _blank(first[text_column]) else label_column
+            where = name if len(table) == 1 else f"{name} ({split_name} split)"
+            raise UserInputError(
+                f"--dataset {where}: row {bad[0] + 1}, field {field!r} is empty ({len(bad)} row(s) have an empty "
+                f"{text_column!r} or {label_column!r}); fix them, or pass --bad_rows drop to leave them out"
+            )
+        keep = sorted(set(range(len(split))) - set(bad))
+        table[split_name], dropped = split.select(keep), dropped + len(bad)
+    return table, dropped
 
 
 def label_vocabulary(split, label_column: str) -> list[str]:
@@ -72,14 +106,14 @@ def build_task(
     eval_fraction: float = EVAL_FRACTION,
     max_eval_samples: int | None = None,
     split_seed: int = SPLIT_SEED,
+    bad_rows: str = "refuse",
 ) -> TaskData:
     """Load, check and tokenise. Every problem is a UserInputError raised before any training."""
     template = template or task_template(dataset)
     if template.count("{text}") != 1:
         raise UserInputError("--prompt_template: must contain the placeholder {text} once")
-    train, held_out = split_table(load_table(dataset), eval_fraction=eval_fraction, split_seed=split_seed)
-    _check_columns(train, text_column, label_column)
-    _check_columns(held_out, text_column, label_column)
+    table, dropped = usable_rows(load_table(dataset), text_column, label_column, bad_rows, dataset or "default")
+    train, held_out = split_table(table, eval_fraction=eval_fraction, split_seed=split_seed)
     names = label_vocabulary(train, label_column)
     if len(names) < 2:
         raise UserInputError(f"--label_column: {label_column!r} holds {len(names)} distinct value(s); need >= 2")
@@ -102,7 +136,7 @@ def build_task(
 
     if max_eval_samples is not None and len(held_out) > max_eval_samples:
         held_out = held_out.select(range(max_eval_samples))
-    return TaskData(encode(train), encode(held_out), names, candidates, tokenizer.pad_token_id)
+    return TaskData(encode(train), encode(held_out), names, candidates, tokenizer.pad_token_id, dropped)
 
 
 def collate_train(examples: list[dict], candidate_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

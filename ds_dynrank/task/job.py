@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ds_dynrank.errors import NonFiniteLossError, UserInputError
+from ds_dynrank.errors import (
+    EXIT_PREEMPTED,
+    CheckpointWriteError,
+    NonFiniteLossError,
+    Preempted,
+    UserInputError,
+)
 from ds_dynrank.launch_env import launch_rank
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +63,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text_column", default="text", help="classification: the input text")
     p.add_argument("--label_column", default="label", help="classification: the label")
     p.add_argument("--prompt_template", default=None, help="classification: prompt with {text}; the label answers")
+    p.add_argument(
+        "--bad_rows",
+        choices=("refuse", "drop"),
+        default="refuse",
+        help="classification: a row with an empty text or label stops the run naming it, or is dropped and counted",
+    )
     p.add_argument(
         "--max_length",
         type=int,
@@ -108,11 +120,18 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
     p.add_argument("--output_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--save_interval", type=int, default=0, help="checkpoint every N optimizer steps (0: only at end)")
     p.add_argument(
+        "--save_total_limit",
+        type=int,
+        default=0,
+        help="keep the newest N checkpoints, deleting older ones once a newer one is committed (0: keep all)",
+    )
+    p.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=None,
-        help="continue from a checkpoint: 'latest' in --output_dir (the default), a checkpoint root or tag",
+        help="continue from a checkpoint: 'latest' in --output_dir (the default), a checkpoint root or tag; "
+        "'auto': the latest in --output_dir if there is one, else start (what a requeued job wants)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dist_timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
@@ -120,9 +139,9 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
     args = check_data_args(p.parse_args(argv))
     if args.max_steps < 1:
         raise UserInputError(f"--max_steps: must be >= 1, got {args.max_steps}")
-    if args.resume == "latest" and not args.output_dir:
-        raise UserInputError("--resume: resuming the latest checkpoint needs the run's --output_dir")
-    for name in ("eval_interval", "save_interval"):
+    if args.resume in ("latest", "auto") and not args.output_dir:
+        raise UserInputError(f"--resume {args.resume}: resuming the latest checkpoint needs the run's --output_dir")
+    for name in ("eval_interval", "save_interval", "save_total_limit"):
         if getattr(args, name) < 0:
             raise UserInputError(f"--{name}: must be >= 0, got {getattr(args, name)}")
     return args
@@ -163,7 +182,10 @@ def _build_classification(args: argparse.Namespace, tokenizer) -> JobData:
         template=args.prompt_template,
         max_length=args.max_length,
         max_eval_samples=args.eval_samples or None,
+        bad_rows=args.bad_rows,
     )
+    if task.dropped and launch_rank() == 0:
+        print(f"[data] dropped {task.dropped} row(s) with an empty text or label (--bad_rows drop)", flush=True)
 
     def run(engine) -> dict[str, float]:
         return evaluate(engine, task, batch_size=args.eval_batch_size, device=engine.device)
@@ -379,13 +401,22 @@ def stop_on_non_finite(loss, engine, checkpoints: Path) -> None:
 
 def run_main(train: Callable[[argparse.Namespace], object], argv: list[str] | None, description: str) -> int:
     """Run a job and map how it ends to an exit code: 0 done, 2 bad input (one line, nothing trained), 3 a
-    non-finite loss, 4 a dead or hung peer. Rank 0 alone prints the errors every rank shares."""
+    non-finite loss, 4 a dead or hung peer, 5 a checkpoint that could not be written, 75 stopped by a signal with
+    its progress saved (EXIT_PREEMPTED). Rank 0 alone prints the errors every rank shares."""
     try:
         train(parse_args(argv, description))
     except UserInputError as err:
         if launch_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stop:
+        if launch_rank() == 0:
+            print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except CheckpointWriteError as err:
+        if err.local or launch_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 5
     except NonFiniteLossError as err:
         if launch_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -1,9 +1,11 @@
 """DeepSpeed checkpoint formats as we read them without an engine: a consolidated fp32 state of any ZeRO stage, and
-the per-tensor files of the universal format (for the buffers its loader leaves out).
+the per-tensor files of the universal format (for the buffers its loader leaves out), and what a save leaves out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,3 +35,29 @@ def restore_universal_buffers(model: torch.nn.Module, root: Path, tag: str) -> i
                 buffer.copy_(torch.load(path, weights_only=False)["param"].view_as(buffer).to(buffer.dtype))
                 restored += 1
     return restored
+
+
+@contextmanager
+def trainable_state_only(engine) -> Iterator[None]:
+    """While saving, leave every frozen parameter out of the module state, under all of its names. DeepSpeed's
+    `exclude_frozen_parameters` drops frozen weights by their `named_parameters()` name, which lists a tied weight
+    once: a frozen, tied `lm_head.weight` (SmolLM2, Qwen2.5, Gemma) was saved again in every checkpoint (113 MB
+    of the default job's 146). The model source gives all of them back at load."""
+    frozen = [
+        name
+        for name, t in engine.module.state_dict(keep_vars=True).items()
+        if isinstance(t, torch.nn.Parameter) and not t.requires_grad
+    ]
+    saving = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        state = saving(*args, **kwargs)
+        for name in frozen:
+            state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict  # this engine only, for this save only
+    try:
+        yield
+    finally:
+        del engine.module_state_dict

@@ -1,12 +1,17 @@
 """Bad input fails in seconds with one clear line (field and expectation), exit code 2, no traceback, and nothing
-written: no training started."""
+written: no training started. Config and flag refusals run as separate processes, as users start them; those that
+need the model or the data loaded run the same entry point in this process."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import re
 import subprocess
 
 import pytest
+import torch
 from helpers import PYTHON, REPO, error_lines, math_messages, subprocess_env, write_jsonl
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -99,19 +104,51 @@ CASES = {
 }
 
 
+# run as the user runs them, a process each: the config and flag refusals (before torch loads: a few seconds),
+# and the refusal that comes from ds_dynrank.initialize, after the process group exists
+SUBPROCESS = ("typo", "negative_rank", "bad_flag_value", "schedule_never_fires")
+
+
+def _check_refusal(code: int, stderr: str, pattern: str, out) -> None:
+    assert code == 2, stderr[-3000:]
+    errors = error_lines(stderr)
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.match(pattern, errors[0]), errors[0]
+    assert "Traceback" not in stderr
+    assert not out.exists(), "a failed start must not write anything"
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", SUBPROCESS)
 def test_bad_input_is_one_clear_line(case, tiny_model_dir, tiny_csv, tmp_path):
     make_args, pattern = CASES[case]
     out = tmp_path / "out"
     cmd = [PYTHON, TRAIN, *make_args(tmp_path, str(tiny_model_dir), str(tiny_csv)), "--output_dir", str(out)]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert __import__("re").match(pattern, errors[0]), errors[0]
-    assert "Traceback" not in result.stderr
-    assert not out.exists(), "a failed start must not write anything"
+    _check_refusal(result.returncode, result.stderr, pattern, out)
+
+
+@functools.cache
+def _entry_point():
+    """launch/train.py as a module: its train() under run_main, what `python launch/train.py` runs."""
+    spec = importlib.util.spec_from_file_location("train_entry_point", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(SUBPROCESS)))
+def test_bad_data_model_or_checkpoint_is_one_clear_line(case, tiny_model_dir, tiny_csv, tmp_path, capsys):
+    """The same entry point and exit code, run in this process: each would spend ~10 s importing torch and
+    transformers in a process of its own before reaching its check."""
+    from ds_dynrank.task.job import run_main
+
+    make_args, pattern = CASES[case]
+    out = tmp_path / "out"
+    argv = [*make_args(tmp_path, str(tiny_model_dir), str(tiny_csv)), "--output_dir", str(out)]
+    code = run_main(_entry_point().train, argv, "train")
+    _check_refusal(code, capsys.readouterr().err, pattern, out)
+    assert not torch.distributed.is_initialized(), "refused after the process group started: run it as a process"
 
 
 @pytest.mark.e2e

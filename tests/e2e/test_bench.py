@@ -7,18 +7,14 @@ import json
 import subprocess
 
 import pytest
-from helpers import REPO, free_port, subprocess_env
+from helpers import REPO, subprocess_env, two_processes
 
 
 @pytest.mark.e2e
 def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *two_processes(),
         str(REPO / "launch" / "bench.py"),
         "--deepspeed",
         str(REPO / "ds_configs" / "zero2.json"),

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import PYTHON, REPO, free_port, subprocess_env
+from helpers import PYTHON, REPO, free_port, subprocess_env, two_processes
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -36,11 +36,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny_
 
     def run(model, *extra):
         cmd = [
-            "deepspeed",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+            *two_processes(),
             TRAIN,
             "--deepspeed",
             str(REPO / "ds_configs" / "zero2_l1ra.json"),

@@ -10,18 +10,14 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, free_port, subprocess_env
+from helpers import PYTHON, REPO, subprocess_env, two_processes
 
 STEPS, SAVE_EVERY = 12, 4
 
 
 def _command(cfg, model, data, out, *extra: str) -> list[str]:
     return [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *two_processes(),
         str(REPO / "launch" / "train_hf.py"),
         "--deepspeed",
         str(cfg),

@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import REPO, subprocess_env, two_processes
 from test_launch import _tensorboard_tags
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -23,9 +23,7 @@ def test_l1ra_moves_ranks_and_holds_the_budget(tiny_model_dir, tiny_csv, tmp_pat
     path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
     cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
+        *two_processes(),
         TRAIN,
         "--deepspeed",
         str(path),

@@ -1,15 +1,17 @@
-"""The real entry points with the shipped configs: the deepspeed launcher (2 processes), torchrun and plain python
-each train and write TensorBoard events, metrics.json and allocation.json."""
+"""The real entry points with the shipped configs: the deepspeed launcher (2 processes) and torchrun (preempted on
+one rank, then resumed) each train and write TensorBoard events, metrics.json and allocation.json."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO, subprocess_env
+from helpers import PYTHON, REPO, free_port, subprocess_env
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -41,11 +43,12 @@ def _job_args(config: str, model: Path, data: Path, out: Path) -> list[str]:
     ]
 
 
-def _tensorboard_tags(out: Path) -> dict[str, list[tuple[int, float]]]:
+def _tensorboard_tags(out: Path, starts: int = 1) -> dict[str, list[tuple[int, float]]]:
+    """The run's scalars, from one event file per process start of rank 0 (only rank 0 writes), in one folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = list(out.rglob("events.out.tfevents.*"))
-    assert len(files) == 1, f"expected one event file (rank 0 writes), found {files}"
+    assert len(files) == starts and len({f.parent for f in files}) == 1, f"expected {starts} event file(s): {files}"
     acc = EventAccumulator(str(files[0].parent))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -76,7 +79,7 @@ def _check_export_from_checkpoint(out: Path) -> None:
         assert torch.equal(mine[key], theirs[key]), key
 
 
-def _check_outputs(out: Path, world: int, stage: int) -> dict:
+def _check_outputs(out: Path, world: int, stage: int, starts: int = 1) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metric"] == "accuracy" and 0.0 <= metrics["value"] <= 1.0
     assert metrics["steps"] == 6 and metrics["world_size"] == world and metrics["zero_stage"] == stage
@@ -98,7 +101,7 @@ def _check_outputs(out: Path, world: int, stage: int) -> dict:
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())  # the stock PEFT export
     assert adapter["peft_type"] == "LORA" and adapter["rank_pattern"] == allocation
     _check_export_from_checkpoint(out)
-    tags = _tensorboard_tags(out)
+    tags = _tensorboard_tags(out, starts)
     for tag in (
         "Train/Samples/train_loss",
         "Train/Samples/lr",
@@ -123,9 +126,18 @@ def test_deepspeed_launcher_two_processes_zero2(tiny_model_dir, tiny_csv, tmp_pa
 
 
 @pytest.mark.e2e
-def test_torchrun_zero3_and_plain_python_zero0(tiny_model_dir, tiny_csv, tmp_path):
-    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29531"]
-    _run([*torchrun, TRAIN, *_job_args("zero3.json", tiny_model_dir, tiny_csv, tmp_path / "z3")])
-    z3 = _check_outputs(tmp_path / "z3", world=2, stage=3)
-    _run([PYTHON, TRAIN, *_job_args("zero0.json", tiny_model_dir, tiny_csv, tmp_path / "z0")])
-    assert _check_outputs(tmp_path / "z0", world=1, stage=0) == z3
+def test_torchrun_zero3_preempted_on_one_rank_resumes(tiny_model_dir, tiny_csv, tmp_path):
+    """torchrun under ZeRO-3, with SLURM's warning signal (SIGUSR1) reaching rank 1 alone at step 3: both ranks stop
+    there with a checkpoint and exit 75 (torchrun then reports a failed child), and `--resume` finishes the run."""
+    from test_resume import held_run
+
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    job = [*torchrun, TRAIN, *_job_args("zero3.json", tiny_model_dir, tiny_csv, tmp_path / "z3")]
+    proc = held_run(job, "step:3", tmp_path / "held", subprocess_env())
+    os.kill(int((tmp_path / "held.rank1").read_text()), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 75" in err, err[-3000:]  # torchrun ends the other on the first exit
+    assert "stopped: a stop signal reached rank(s) [1]; checkpoint" in err, err[-3000:]
+    assert (tmp_path / "z3" / "checkpoints" / "latest").read_text() == "step3"
+    _run([*torchrun, TRAIN, *_job_args("zero3.json", tiny_model_dir, tiny_csv, tmp_path / "z3"), "--resume"])
+    _check_outputs(tmp_path / "z3", world=2, stage=3, starts=2)

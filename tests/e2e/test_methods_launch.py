@@ -1,6 +1,7 @@
-"""The shipped configs of ALoRA, module allocation and the AdaLoRA-style scorer, end to end through
-`launch/train.py` with 2 processes (schedules shortened for a 10-step run): each method re-allocates, the output
-files and TensorBoard say so, and both ranks end with the same allocation. A physical module-allocation run under
+"""The shipped module-allocation configs end to end through `launch/train.py` with 2 processes (schedules
+shortened for a 10-step run): the active set moves with k held, the output files and TensorBoard say so, and both
+ranks end with the same allocation (ALoRA's and the AdaLoRA-style scorer's shipped configs run in
+test_sft_launch.py, on SFT batches). A physical module-allocation run under
 ZeRO-3 resumes from a mid-run checkpoint with its inactive adapters rebuilt as buffers and continues exactly."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, subprocess_env
+from helpers import REPO, free_port, subprocess_env, two_processes
 from test_launch import _tensorboard_tags
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -37,11 +38,7 @@ def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name:
     out = tmp_path / out_name
     port = free_port()
     cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
+        *two_processes(port),
         TRAIN,
         "--deepspeed",
         str(path),
@@ -71,19 +68,6 @@ def launch(cfg: dict, tmp_path, tiny_model_dir, tiny_csv, *extra: str, out_name:
 
 
 @pytest.mark.e2e
-def test_alora_config_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
-    out, result = launch(shortened("zero2_alora.json"), tmp_path, tiny_model_dir, tiny_csv)
-    history = json.loads((out / "allocation_history.json").read_text())
-    assert [h["step"] for h in history] == [0, 3, 6, 9]
-    assert sum(h["slots_changed"] for h in history) > 0
-    assert history[-1]["ranks"] != history[0]["ranks"]
-    assert all(h["budget"] <= history[0]["budget"] for h in history)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == "alora" and metrics["reallocation_events"] == 3
-    assert "re-allocated" in result.stdout + result.stderr
-
-
-@pytest.mark.e2e
 def test_modalloc_config_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
     out, result = launch(shortened("zero2_modalloc.json"), tmp_path, tiny_model_dir, tiny_csv)
     history = json.loads((out / "allocation_history.json").read_text())
@@ -96,15 +80,6 @@ def test_modalloc_config_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
     tags = _tensorboard_tags(out)
     assert [v for _, v in tags["DynRank/active_modules"]] == [float(k)] * 5
     assert "modules active" in result.stdout + result.stderr
-
-
-@pytest.mark.e2e
-def test_adalora_config_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
-    out, _ = launch(shortened("zero2_adalora.json"), tmp_path, tiny_model_dir, tiny_csv)
-    history = json.loads((out / "allocation_history.json").read_text())
-    budgets = [h["budget"] for h in history]
-    assert budgets[0] == N_MODULES * 12 and budgets[-1] == N_MODULES * 8  # r 12 down to target_r 8
-    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
 
 
 @pytest.mark.e2e

@@ -8,7 +8,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import PYTHON, REPO, free_port, subprocess_env
+from helpers import PYTHON, REPO, subprocess_env, two_processes
 
 SCRIPT = str(REPO / "launch" / "train_peft_adalora.py")
 
@@ -22,11 +22,7 @@ def test_peft_adalora_reaches_its_target_budget(tiny_chat_model_dir, tiny_sft_js
     path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
     cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *two_processes(),
         SCRIPT,
         "--deepspeed",
         str(path),

@@ -43,14 +43,15 @@ def test_two_process_checkpoint_resumes_on_one_process(name, tiny_model_dir, tin
             str(out),
         ]
 
-    refused = subprocess.run(
-        [PYTHON, *args(tmp_path / "x", L1RA_STEPS), "--resume", str(two)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert refused.returncode == 2 and "python -m ds_dynrank reshard" in refused.stderr
+    if name == "zero2_l1ra.json":  # the refusal does not depend on the backend: once is enough
+        refused = subprocess.run(
+            [PYTHON, *args(tmp_path / "x", L1RA_STEPS), "--resume", str(two)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode == 2 and "python -m ds_dynrank reshard" in refused.stderr
 
     converted = subprocess.run(
         [PYTHON, "-m", "ds_dynrank", "reshard", str(two)],

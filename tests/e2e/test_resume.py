@@ -1,9 +1,18 @@
-"""Kill -9 a 2-process L1RA run after some re-allocation events, resume it with --resume, and the allocation
-history and the loss curve continue exactly as an uninterrupted run's (CPU, fixed seeds): masked backend under
-ZeRO-2, and physical backend under ZeRO-3 (adapters rebuilt at their saved ranks before DeepSpeed loads)."""
+"""A stopped 2-process L1RA run continues exactly as an uninterrupted one (CPU, fixed seeds): the allocation
+history, every step's loss and the final metric are the uninterrupted run's.
+
+- Preemption (masked backend, ZeRO-2): SIGTERM to the whole process group, launcher included, as SLURM sends it to
+  every process of a step; the launcher passes a second SIGTERM on to its processes. Both ranks stop at the same
+  optimizer step, commit a checkpoint of it and exit 75; `--resume` continues from there.
+- Kill -9 in the middle of a re-allocation (physical backend, ZeRO-3: the engine rebuilt, the event not yet
+  recorded); `--resume` continues from the checkpoint before it.
+
+The kill point is deterministic: the run holds there (DS_DYNRANK_HOLD, ds_dynrank/holds.py) until it is signalled,
+and the test signals only once every rank is held."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import L1RA_STEPS, l1ra_command, subprocess_env
+from helpers import L1RA_STEPS, deepspeed_launcher, l1ra_command, subprocess_env
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -37,45 +46,42 @@ def _history(out: Path) -> list[dict]:
     ]
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("config", ["zero2_l1ra.json", "zero3_l1ra.json"], ids=["masked-zero2", "physical-zero3"])
-def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, config, l1ra_run):
-    cfg, whole = l1ra_run(config)  # the uninterrupted run, shared with test_reshard.py
-    env = subprocess_env()
-
-    broken = tmp_path / "broken"
-    latest = broken / "checkpoints" / "latest"
+def held_run(cmd: list[str], hold: str, marker: Path, env: dict, ranks: int = 2) -> subprocess.Popen:
+    """Start `cmd` in its own process group, holding at `hold`; return once every rank is held there."""
     proc = subprocess.Popen(
-        l1ra_command(cfg, tiny_model_dir, tiny_csv, broken),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cmd,
+        env={**env, "DS_DYNRANK_HOLD": hold, "DS_DYNRANK_HOLD_FILE": str(marker)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
-    try:
-        deadline = time.time() + 240
-        while not (latest.is_file() and latest.read_text() in ("step4", "step6")) and time.time() < deadline:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        assert latest.is_file(), "no checkpoint appeared in time"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
-        proc.wait()
-    killed_at = latest.read_text()
-    assert not (broken / "metrics.json").exists()
+    deadline = time.time() + 240
+    while not all(Path(f"{marker}.rank{r}").is_file() for r in range(ranks)):
+        if proc.poll() is not None or time.time() > deadline:
+            err = kill_all(proc, marker, ranks)
+            pytest.fail(f"the run never held at {hold} (exit {proc.returncode})\n{err[-4000:]}")
+        time.sleep(0.1)
+    return proc
 
-    resumed = subprocess.run(
-        [*l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), "--resume"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert latest.read_text() == f"step{L1RA_STEPS}"
+
+def kill_all(proc: subprocess.Popen, marker: Path, ranks: int = 2) -> str:
+    """SIGKILL to the held ranks (by the PIDs they wrote: torchrun starts them in a process group of their own)
+    and to the launcher's group; returns the launcher's stderr."""
+    for r in range(ranks):
+        held = Path(f"{marker}.rank{r}")
+        if held.is_file():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(held.read_text()), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate(timeout=60)[1]
+
+
+def assert_continues_exactly(whole: Path, broken: Path) -> None:
     history = _history(whole)
     assert sum(h["slots_changed"] for h in history) > 0, "ranks must have moved for this test to mean anything"
-    assert _history(broken) == history, f"allocation history diverged after resuming from {killed_at}"
+    assert _history(broken) == history, "allocation history diverged after resuming"
     expected, got = _losses(whole), _losses(broken)
     assert sorted(got) == sorted(expected) and len(expected) == L1RA_STEPS
     for step in expected:
@@ -83,3 +89,50 @@ def test_kill_and_resume_continues_exactly(tiny_model_dir, tiny_csv, tmp_path, c
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (whole, broken)]
     assert metrics[0]["value"] == metrics[1]["value"]
     assert [h["step"] for h in metrics[1]["eval_history"]] == [0, 6, L1RA_STEPS]
+
+
+def resume(cfg, tiny_model_dir, tiny_csv, out: Path, env: dict) -> None:
+    resumed = subprocess.run(
+        [*l1ra_command(cfg, tiny_model_dir, tiny_csv, out), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert (out / "checkpoints" / "latest").read_text() == f"step{L1RA_STEPS}"
+
+
+@pytest.mark.e2e
+def test_sigterm_to_the_whole_job_checkpoints_that_step_and_resumes_exactly(
+    tiny_model_dir, tiny_csv, tmp_path, l1ra_run
+):
+    cfg, whole = l1ra_run("zero2_l1ra.json")  # the uninterrupted run, shared with test_reshard.py
+    env, broken = subprocess_env(), tmp_path / "broken"
+    # step 5: no --save_interval checkpoint there (every 2), so the one found is the stop's own
+    job = l1ra_command(cfg, tiny_model_dir, tiny_csv, broken, launcher=deepspeed_launcher())
+    proc = held_run(job, "step:5", tmp_path / "held", env)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0  # the launcher reports its own code; srun and plain python report 75
+    assert "stopped: a stop signal reached rank(s) [0, 1] (SIGTERM here)" in err, err[-3000:]
+    assert (broken / "checkpoints" / "latest").read_text() == "step5"
+    assert not (broken / "metrics.json").exists()
+    resume(cfg, tiny_model_dir, tiny_csv, broken, env)
+    assert_continues_exactly(whole, broken)
+
+
+@pytest.mark.e2e
+def test_kill_during_a_physical_event_resumes_exactly(tiny_model_dir, tiny_csv, tmp_path, l1ra_run):
+    cfg, whole = l1ra_run("zero3_l1ra.json")
+    env, broken = subprocess_env(), tmp_path / "broken"
+    proc = held_run(l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), "event:6", tmp_path / "held", env)
+    kill_all(proc, tmp_path / "held")  # the new engine built, the event unrecorded
+    assert (broken / "checkpoints" / "latest").read_text() == "step4"
+    assert [h["step"] for h in _history(broken)] == [0, 2, 4]
+    resume(cfg, tiny_model_dir, tiny_csv, broken, env)
+    assert_continues_exactly(whole, broken)

@@ -10,7 +10,7 @@ import math
 import subprocess
 
 import pytest
-from helpers import REPO, free_port, subprocess_env
+from helpers import REPO, subprocess_env, two_processes
 
 TRAIN = str(REPO / "launch" / "train.py")
 METRICS = ("eval_loss", "perplexity", "token_accuracy", "exact_match")
@@ -26,8 +26,19 @@ def _config(tmp_path, name: str, **dynrank) -> str:
 
 
 def _run(cfg: str, model, out, *extra: str) -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--deepspeed", cfg, "--model",
-           str(model), "--max_steps", "8", "--eval_samples", "16", "--output_dir", str(out), *extra]  # fmt: skip
+    args = [
+        "--deepspeed",
+        cfg,
+        "--model",
+        str(model),
+        "--max_steps",
+        "8",
+        "--eval_samples",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
+    cmd = [*two_processes(), TRAIN, *args, *extra]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"STDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
     return result
@@ -94,3 +105,10 @@ def test_every_method_trains_on_sft_batches(tiny_chat_model_dir, tiny_sft_jsonl,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "sft"
     assert metrics["metric"] == ("exact_match" if "--eval_generate" in extra else "eval_loss")  # a user file: asked
+    budgets, modules = [h["budget"] for h in history], 14  # the tiny Llama: 2 layers x 7 linear modules
+    if name == "zero2_alora.json":  # the shipped config, its schedule shortened: rounds at 3 and 6 of 8 steps
+        assert [h["step"] for h in history] == [0, 3, 6] and metrics["reallocation_events"] == 2
+        assert history[-1]["ranks"] != history[0]["ranks"] and max(budgets) <= budgets[0]
+    if name == "zero2_adalora.json":  # r 12 down to target_r 8 along the cubic schedule, never back up
+        assert budgets[0] == modules * 12 and budgets[-1] == modules * 8, budgets
+        assert all(a >= b for a, b in zip(budgets, budgets[1:]))

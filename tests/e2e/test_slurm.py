@@ -8,11 +8,14 @@ import json
 import os
 import re
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO, error_lines, free_port, subprocess_env
+from helpers import PYTHON, REPO, error_lines, free_port, l1ra_command, subprocess_env
 from slurm_cluster import Cluster, install_packages
-from test_launch import _tensorboard_tags
+from test_resume import _history as _history_of
+from test_resume import assert_continues_exactly
 
 TRAIN = str(REPO / "launch" / "train.py")
 CHECKSUM = re.compile(r"allocation checksum ([0-9a-f]{16}) \(rank (\d+)\)")
@@ -78,31 +81,86 @@ def _checksums(log: str) -> dict[int, str]:
     return {int(rank): digest for digest, rank in CHECKSUM.findall(log)}
 
 
+def _held(cluster, job: str, log: Path, marker: Path, ranks: int = 2, timeout: float = 240) -> None:
+    """Until every rank of `job` holds at its step; fails at once, with the job's log, if the job ends first."""
+    deadline = time.time() + timeout
+    while not all(Path(f"{marker}.rank{r}").is_file() for r in range(ranks)):
+        fields = cluster.fields(job)
+        assert fields.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"{fields}\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"the job never held at its step ({marker})\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
 @pytest.mark.e2e
-def test_sbatch_two_nodes_l1ra(cluster, tiny_model_dir, tiny_csv, tmp_path):
-    """launch/slurm/train.sbatch, 2 nodes x 1 task: ranks move, one TensorBoard file, the same allocation on both."""
-    out, log = tmp_path / "run", tmp_path / "job.out"
+def test_sbatch_two_nodes_warned_requeued_and_resumed_exactly(cluster, tiny_model_dir, tiny_csv, tmp_path, l1ra_run):
+    """launch/slurm/train.sbatch, 2 nodes x 1 task, L1RA. SLURM's warning signal reaches the batch script at step 5
+    (`scancel --batch --signal=USR1`: what `#SBATCH --signal=B:USR1@120` sends before the time limit); the script
+    passes it to both tasks through srun, they checkpoint step 5 and exit 75, the job requeues itself (`scontrol
+    requeue`), and a second start of the same command continues from the checkpoint (`--resume auto`): the
+    allocation history, every step's loss and the
+    final metric equal the uninterrupted 2-process run's, and both nodes end with the same allocation."""
+    cfg, whole = l1ra_run("zero2_l1ra.json")
+    out, log, marker = tmp_path / "run", tmp_path / "job.out", tmp_path / "held"
     # node names do not resolve on this machine; the script takes MASTER_ADDR from the environment when set
     env = subprocess_env(
-        PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        PYTHON=PYTHON,
+        DS_DYNRANK_REPO=str(REPO),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        DS_DYNRANK_HOLD="step:5",
+        DS_DYNRANK_HOLD_FILE=str(marker),
     )
-    args = _train_args(_l1ra_config(tmp_path), tiny_model_dir, tiny_csv, out)
+    args = l1ra_command(cfg, tiny_model_dir, tiny_csv, out, launcher=[])[1:]  # the same job; srun starts the ranks
     job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
-    fields = cluster.wait(job, timeout=240)
+    _held(cluster, job, log, marker)
+    cluster.signal(job, "USR1", batch=True)
+    deadline = time.time() + 120  # the first attempt: checkpoint, exit 75, `scontrol requeue`
+    while "requeueing job" not in log.read_text():
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    # Slurm holds a requeued job back for a while before it starts again (BeginTime); rather than wait for that
+    # here, cancel it and submit the same command again: the second start is what the requeued one would run
+    cluster.wait_requeued(job, timeout=60)
+    cluster.signal(job, None)
+    cluster.wait_idle(timeout=90)
+    text = log.read_text()
+    assert "[slurm] warning signal" in text, text[-3000:]
+    assert re.search(r"stopped: a stop signal reached rank\(s\) \[[01, ]+\] \(SIGUSR1 here\)", text), text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step5"
+    again = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
+    fields = cluster.wait(again, timeout=240)
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{text[-5000:]}"
     assert fields["NodeList"] == "node[1-2]" and fields["NumTasks"] == "2"
-    assert "2 nodes, 2 tasks" in text
     sums = _checksums(text)
-    assert sorted(sums) == [0, 1], f"both tasks must finish and print their allocation\n{text[-3000:]}"
-    assert sums[0] == sums[1], "the nodes ended with different allocations"
-    history = json.loads((out / "allocation_history.json").read_text())
-    assert [h["step"] for h in history] == [0, 2, 4, 6]
-    assert any(h["ranks"] != history[0]["ranks"] for h in history), "L1RA never moved a rank"
-    assert json.loads((out / "allocation.json").read_text()) == history[-1]["ranks"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 8
-    assert len(_tensorboard_tags(out)["Train/Samples/train_loss"]) == 8  # asserts exactly one events file
+    assert sorted(sums) == [0, 1] and sums[0] == sums[1], f"both tasks must finish with one allocation\n{text[-3000:]}"
+    assert_continues_exactly(whole, out)
+    assert json.loads((out / "allocation.json").read_text()) == _history_of(out)[-1]["ranks"]
+
+
+@pytest.mark.e2e
+def test_plain_scancel_checkpoints_and_ends_without_requeue(cluster, tiny_model_dir, tiny_csv, tmp_path):
+    """A plain `scancel` (SIGTERM to the batch script and every task, as at the time limit itself): both tasks
+    checkpoint the step they are at and the job ends cancelled, not requeued; the progress is there to continue."""
+    out, log, marker = tmp_path / "run", tmp_path / "job.out", tmp_path / "held"
+    env = subprocess_env(
+        PYTHON=PYTHON,
+        DS_DYNRANK_REPO=str(REPO),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        DS_DYNRANK_HOLD="step:3",
+        DS_DYNRANK_HOLD_FILE=str(marker),
+    )
+    args = _train_args(_l1ra_config(tmp_path), tiny_model_dir, tiny_csv, out)
+    job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
+    _held(cluster, job, log, marker)
+    cluster.signal(job, None)
+    fields = cluster.wait(job, timeout=120)  # CANCELLED at once, while the tasks still save within KillWait
+    cluster.wait_idle(timeout=90)  # the nodes are idle only once every process of the step has exited
+    text = log.read_text()
+    assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "0"), f"{fields}\n{text[-5000:]}"
+    assert (out / "checkpoints" / "latest").read_text() == "step3", text[-3000:]
+    assert not (out / "metrics.json").exists()
 
 
 @pytest.mark.e2e

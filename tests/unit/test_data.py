@@ -134,3 +134,22 @@ def test_second_benchmark_task_loads_by_name(tokenizer):
     assert len(task.train) == 2250 and len(task.eval) == 750  # the fixed-seed 3:1 split
     question = tokenizer("\nIs this statement certain or uncertain? Answer:", add_special_tokens=False)["input_ids"]
     assert task.train[0]["prompt_ids"][-len(question) :] == question
+
+
+def test_empty_texts_and_labels_are_refused_by_row_or_dropped_and_counted(tokenizer, tmp_path):
+    """An empty label used to become a third class (accuracy 0 on those rows); now the first bad row is named."""
+    import csv
+
+    rows = sentences(40)
+    rows[6] = ("", "positive")  # data row 7: no text
+    rows[12] = ("the film was fine .", "")  # data row 13: no label
+    path = tmp_path / "gaps.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    with pytest.raises(UserInputError, match=rf"--dataset {path}: row 7, field 'text' is empty \(2 row\(s\)"):
+        build_task(tokenizer, str(path), max_length=48)
+    task = build_task(tokenizer, str(path), max_length=48, bad_rows="drop")
+    assert task.dropped == 2 and task.label_names == ["negative", "positive"]
+    assert len(task.train) + len(task.eval) == 38
