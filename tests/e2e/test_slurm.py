@@ -81,6 +81,19 @@ def _checksums(log: str) -> dict[int, str]:
     return {int(rank): digest for digest, rank in CHECKSUM.findall(log)}
 
 
+def _held_job_env(hold: str, marker: Path) -> dict[str, str]:
+    """A job's environment that holds its ranks at `hold` (ds_dynrank/holds.py). Node names do not resolve on this
+    machine; the scripts take MASTER_ADDR from the environment when it is set."""
+    return subprocess_env(
+        PYTHON=PYTHON,
+        DS_DYNRANK_REPO=str(REPO),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        DS_DYNRANK_HOLD=hold,
+        DS_DYNRANK_HOLD_FILE=str(marker),
+    )
+
+
 def _held(cluster, job: str, log: Path, marker: Path, ranks: int = 2, timeout: float = 240) -> None:
     """Until every rank of `job` holds at its step; fails at once, with the job's log, if the job ends first."""
     deadline = time.time() + timeout
@@ -101,15 +114,7 @@ def test_sbatch_two_nodes_warned_requeued_and_resumed_exactly(cluster, tiny_mode
     final metric equal the uninterrupted 2-process run's, and both nodes end with the same allocation."""
     cfg, whole = l1ra_run("zero2_l1ra.json")
     out, log, marker = tmp_path / "run", tmp_path / "job.out", tmp_path / "held"
-    # node names do not resolve on this machine; the script takes MASTER_ADDR from the environment when set
-    env = subprocess_env(
-        PYTHON=PYTHON,
-        DS_DYNRANK_REPO=str(REPO),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        DS_DYNRANK_HOLD="step:5",
-        DS_DYNRANK_HOLD_FILE=str(marker),
-    )
+    env = _held_job_env("step:5", marker)
     args = l1ra_command(cfg, tiny_model_dir, tiny_csv, out, launcher=[])[1:]  # the same job; srun starts the ranks
     job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
     _held(cluster, job, log, marker)
@@ -143,14 +148,7 @@ def test_plain_scancel_checkpoints_and_ends_without_requeue(cluster, tiny_model_
     """A plain `scancel` (SIGTERM to the batch script and every task, as at the time limit itself): both tasks
     checkpoint the step they are at and the job ends cancelled, not requeued; the progress is there to continue."""
     out, log, marker = tmp_path / "run", tmp_path / "job.out", tmp_path / "held"
-    env = subprocess_env(
-        PYTHON=PYTHON,
-        DS_DYNRANK_REPO=str(REPO),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        DS_DYNRANK_HOLD="step:3",
-        DS_DYNRANK_HOLD_FILE=str(marker),
-    )
+    env = _held_job_env("step:3", marker)
     args = _train_args(_l1ra_config(tmp_path), tiny_model_dir, tiny_csv, out)
     job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
     _held(cluster, job, log, marker)
