@@ -5,8 +5,11 @@
 Prints, for each variant, ratios against LoRA measured in this run: whole-run time per optimizer step (events
 included) and training tokens per second, one re-allocation event's cost in LoRA steps, adapter + optimizer bytes
 before and after training, bytes handed to collectives per event (and per ordinary step, by the method's own
-hooks), and resident memory before, after and at its peak (device memory too on an accelerator). On an
-accelerator with bf16 the configs' `"bf16": {"enabled": "auto"}` turns it on, as in the main job.
+hooks), and resident memory before, after and at its peak while training, and at its peak while building the model
+and the engine, each the largest over the processes (device memory too on an accelerator). The model is built as
+the main job builds it: in the training precision, and partitioned under ZeRO-3. `--model` may be a directory
+holding only a config.json (benchmarks/models/: random weights of a real model's shape). On an accelerator with
+bf16 the configs' `"bf16": {"enabled": "auto"}` turns it on, as in the main job.
 Writes the numbers to --out (JSON). Timings are never asserted anywhere: they are for reading.
 """
 
@@ -82,6 +85,15 @@ def host_memory() -> tuple[int, int]:
     return rss, fields.get("VmHWM", rss)
 
 
+def per_rank_max(values, device):
+    """The element-wise maximum over every rank (one all-gather)."""
+    import torch
+
+    from ds_dynrank import dist
+
+    return torch.stack(dist.all_gather(values.to(device))).amax(dim=0).cpu().tolist()
+
+
 def reset_peak_memory() -> None:
     """Start a fresh peak for the next variant: Linux resets VmHWM on "5" to clear_refs; the accelerator its own."""
     from deepspeed.accelerator import get_accelerator
@@ -107,7 +119,7 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
     from ds_dynrank import dist
     from ds_dynrank.config import from_ds_config
     from ds_dynrank.task.classification import collate_train
-    from ds_dynrank.task.models import load_model_and_tokenizer
+    from ds_dynrank.task.models import load_model, training_dtype
 
     ds_config = copy.deepcopy(base_cfg)
     ds_config["dynrank"] = variant_section(name, base_cfg.get("dynrank", {}), args)
@@ -115,8 +127,10 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
     n_scoring = from_ds_config(ds_config).validation_samples  # a method's fixed scoring batch, the same on every rank
     validation = collate_train(scoring_pool[-n_scoring:], task.candidate_ids, task.pad_id) if n_scoring else None
     torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer(args.model)
+    reset_peak_memory()  # the peak of building the model and the engine, as the main job builds them
+    model = load_model(args.model, dtype=training_dtype(ds_config), ds_config=ds_config)
     dynrank = ds_dynrank.initialize(model, ds_config, total_steps=args.steps + args.warmup, validation=validation)
+    _, load_peak_rss = host_memory()
     bytes_before = adapter_bytes(model)
     reset_peak_memory()  # the peak from here on: training and events, not loading
     rss_before, _ = host_memory()
@@ -144,6 +158,9 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
     tokens = int(dist.all_reduce_sum(torch.tensor([tokens], device=dynrank.engine.device)).item())
     rss_after, peak_rss = host_memory()
     peak_rss = max(peak_rss, rss_before, rss_after)  # the kernel updates VmHWM lazily: a few pages can be missing
+    # the largest process's: memory limits are per process, and under ZeRO-3 rank 0 alone reads the weights
+    memory = torch.tensor([rss_before, rss_after, peak_rss, load_peak_rss], dtype=torch.float64)
+    rss_before, rss_after, peak_rss, load_peak_rss = (int(v) for v in per_rank_max(memory, dynrank.engine.device))
     result = {
         "variant": name,
         "steps": len(step_times),
@@ -159,6 +176,8 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
         "rss_before": rss_before,
         "rss_after": rss_after,
         "peak_rss": peak_rss,
+        "load_peak_rss": load_peak_rss,
+        "base_dtype": str(training_dtype(ds_config)).removeprefix("torch."),
         "device_peak": device_peak(),
         "budget": dynrank.budget_in_use(),
         "trainable_parameters": dynrank.trainable_parameters(),
@@ -192,7 +211,7 @@ def main() -> int:
     from ds_dynrank.config import load_ds_config
     from ds_dynrank.ds_config import bf16_available, resolve
     from ds_dynrank.task.classification import build_task, collate_train
-    from ds_dynrank.task.models import load_model_and_tokenizer
+    from ds_dynrank.task.models import load_tokenizer
 
     dist.init()
     from deepspeed.accelerator import get_accelerator
@@ -207,8 +226,7 @@ def main() -> int:
         output_dir=Path(args.out).parent,
         bf16_supported=bf16_available(accel),
     )
-    _, tokenizer = load_model_and_tokenizer(args.model)
-    task = build_task(tokenizer, args.dataset, max_eval_samples=1)
+    task = build_task(load_tokenizer(args.model), args.dataset, max_eval_samples=1)
     micro = base["train_micro_batch_size_per_gpu"]
     offset = dist.rank() * micro
     batches = [
@@ -243,14 +261,14 @@ def main() -> int:
         mib = 2**20
         print(
             f"\n{'variant':<18} {'comm/event (B)':>15} {'comm/step (B)':>14} {'RSS before (MiB)':>16} "
-            f"{'RSS after':>10} {'peak RSS':>9} {'x LoRA':>7} {'device peak (MiB)':>17}"
+            f"{'RSS after':>10} {'peak RSS':>9} {'x LoRA':>7} {'load peak':>10} {'device peak (MiB)':>17}"
         )
         for r in results:
             device = "-" if r["device_peak"] is None else f"{r['device_peak'] / mib:.0f}"
             print(
                 f"{r['variant']:<18} {r['event_comm_bytes']:>15,.0f} {r['step_comm_bytes']:>14,.0f} "
                 f"{r['rss_before'] / mib:>16.0f} {r['rss_after'] / mib:>10.0f} {r['peak_rss'] / mib:>9.0f} "
-                f"{r['peak_rss_ratio']:>7.2f} {device:>17}"
+                f"{r['peak_rss_ratio']:>7.2f} {r['load_peak_rss'] / mib:>10.0f} {device:>17}"
             )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": vars(args), "results": results}, indent=2))

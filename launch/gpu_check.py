@@ -1,5 +1,6 @@
 """The GPU check (issue 24): every method's cost on one GPU against LoRA in the same run, on random-initialised
-models shaped like Qwen2.5-0.5B and Qwen2.5-1.5B (benchmarks/gpu/*.json), in bf16, in about 8 minutes on an H200.
+models shaped like Qwen2.5-0.5B and Qwen2.5-1.5B (benchmarks/models/*/config.json), in bf16, in about 8 minutes on
+an H200.
 
     bash launch/gpu_check.sh                      # on the device machine: installs the carried wheels, runs this
     python launch/gpu_check.py --smoke            # here: the same path on the CPU, a tiny config, about a minute
@@ -32,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import BASELINE, adapter_bytes, variant_section, variants  # noqa: E402  (launch/bench.py, beside us)
 
-SHAPES = {"qwen2.5-0.5b": "qwen2.5-0.5b.json", "qwen2.5-1.5b": "qwen2.5-1.5b.json"}
-SMOKE_SHAPE = {"tiny": "tiny.json"}
+SHAPES = ("qwen2.5-0.5b", "qwen2.5-1.5b")  # benchmarks/models/<name>/config.json
+SMOKE_SHAPE = ("tiny",)
 TARGETS = {"lora_mfu": 0.30, "dynamic_tokens_ratio": 0.97, "masked_event_steps": 0.5, "physical_event_steps": 3.0}
 
 
@@ -54,11 +55,11 @@ def matmul_rate(device, dtype, n: int, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def build_model(config_file: Path, dtype, device):
+def build_model(model_dir: Path, dtype, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**json.loads(config_file.read_text()))
+    config = AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -86,7 +87,7 @@ def shipped_events(section: dict, total_steps: int) -> int:
     return len(build_method(cfg, validation={}).schedule(total_steps, total_steps).events())
 
 
-def run_variant(name: str, args, shape_file: Path, base_cfg: dict, batches: list, validation: dict) -> dict:
+def run_variant(name: str, args, shape_dir: Path, base_cfg: dict, batches: list, validation: dict) -> dict:
     import torch
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
@@ -99,7 +100,7 @@ def run_variant(name: str, args, shape_file: Path, base_cfg: dict, batches: list
     section = ds_config["dynrank"] = variant_section(name, base_cfg["dynrank"], args)
     shipped = {k: v for k, v in section.items() if k not in ("schedule", section["method"])}  # without every()
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    model = build_model(shape_file, dtype, accel.current_device_name())
+    model = build_model(shape_dir, dtype, accel.current_device_name())
     base_parameters = sum(p.numel() for p in model.parameters())
     n_scoring = from_ds_config(ds_config).validation_samples  # ALoRA scores on a fixed batch of this many rows
     scoring = {k: v[:n_scoring] for k, v in validation.items()} if n_scoring else None
@@ -107,7 +108,7 @@ def run_variant(name: str, args, shape_file: Path, base_cfg: dict, batches: list
     dynrank = ds_dynrank.initialize(model, ds_config, total_steps=total, validation=scoring)
     accel.reset_peak_memory_stats()
     step_times, event_steps, tokens = [], [], 0
-    bar = tqdm(total=total, desc=f"{shape_file.stem} {name}", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"{shape_dir.name} {name}", dynamic_ncols=True)
     for i in range(total):
         batch = batches[i % len(batches)]
         accel.synchronize()
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (4 if small else 16)
     args.interval = args.event_every or (2 if small else 8)  # the name launch/bench.py's variant_section reads
     args.target_modules, args.r = None, None
-    shapes = SMOKE_SHAPE if small else {s: SHAPES[s] for s in (args.shapes.split(",") if args.shapes else SHAPES)}
+    shapes = SMOKE_SHAPE if small else tuple(args.shapes.split(",") if args.shapes else SHAPES)
+    unknown = [s for s in shapes if not (REPO / "benchmarks" / "models" / s / "config.json").is_file()]
+    if unknown:
+        raise SystemExit(f"--shapes: no benchmarks/models/<name>/config.json for {', '.join(unknown)}")
     names = args.variants.split(",")
     if names[0] != BASELINE or any(n.split("+")[0] not in variants() for n in names):
         raise SystemExit(f"--variants: LoRA first, then any of {', '.join(variants())}")
@@ -233,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"[gpu_check] {device['card']}: {rate / 1e12:.1f} TFLOP/s ({device['dtype']} matmul)", flush=True)
     report = {"device": device, "settings": vars(args), "targets": TARGETS, "shapes": {}}
-    for shape, file in shapes.items():
+    for shape in shapes:
         started = time.perf_counter()
-        shape_file = REPO / "benchmarks" / "gpu" / file
-        vocab = json.loads(shape_file.read_text())["vocab_size"]
+        shape_dir = REPO / "benchmarks" / "models" / shape
+        vocab = json.loads((shape_dir / "config.json").read_text())["vocab_size"]
         batches = random_batches(vocab, args.micro_batch, args.seq_len, 4)
         validation = random_batches(vocab, 16, args.seq_len, 1, seed=1)[0]  # ALoRA's fixed scoring batch
-        results = [run_variant(n, args, shape_file, base, batches, validation) for n in names]
+        results = [run_variant(n, args, shape_dir, base, batches, validation) for n in names]
         ratios(results, rate, args.shipped_steps)
         report["shapes"][shape] = {"seconds": time.perf_counter() - started, "results": results}
         print_table(shape, results)

@@ -6,7 +6,9 @@ instruction and chat data (the default), or label classification (--task classif
     python launch/train.py --deepspeed ds_configs/zero0.json                           # one process
     mpirun -np 2 python launch/train.py ...; srun python launch/train.py ...           # see launch/slurm/
 
-Everything the user can get wrong (config, model, dataset, columns, checkpoint) is checked before DeepSpeed starts.
+Everything the user can get wrong (config, model, dataset, columns, checkpoint) is checked before DeepSpeed starts
+(the model against its modules on the meta device); the weights load once the process group is up, in the
+training precision, and under ZeRO-3 straight into each rank's partitions.
 The loop is explicit: forward, backward, step, the allocator's after_step(), evaluation every --eval_interval
 optimizer steps and at the end. `dynrank.engine` is read at every use: the physical backend replaces it at events.
 """
@@ -39,7 +41,7 @@ def check_inputs(args):
     from ds_dynrank.launch_env import check_launch_env, launch_world_size
     from ds_dynrank.rundir import RunDir
     from ds_dynrank.task import job
-    from ds_dynrank.task.models import load_model_and_tokenizer
+    from ds_dynrank.task.models import load_tokenizer, skeleton
 
     check_launch_env()
     resume, checkpoints = None, RunDir(args.output_dir or ".").checkpoints
@@ -49,14 +51,12 @@ def check_inputs(args):
         resume = checkpoint.resolve(args.resume, checkpoints)
         checkpoint.check_world_size(*resume, launch_world_size())
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    data = job.build_data(args, tokenizer)
+    modules = select_targets(skeleton(args.model), cfg)  # on the meta device: names, no weights, no memory
+    data = job.build_data(args, load_tokenizer(args.model))
     validation = job.hold_out_validation(data, cfg, args.seed)
     if resume:
-        checkpoint.check_resumable(
-            *resume, method=cfg.method, modules=select_targets(model, cfg), world_size=launch_world_size()
-        )
-    return ds_config, cfg, model, data, resume, validation
+        checkpoint.check_resumable(*resume, method=cfg.method, modules=modules, world_size=launch_world_size())
+    return ds_config, cfg, data, resume, validation
 
 
 def train(args) -> dict:
@@ -71,7 +71,7 @@ def train(args) -> dict:
 
 def train_loop(args, stop) -> dict:
     """The job itself: inputs checked, DeepSpeed up, the loop, the final evaluation, export and metrics."""
-    ds_config, cfg, model, data, resume, validation = check_inputs(args)  # user input first
+    ds_config, cfg, data, resume, validation = check_inputs(args)  # user input first
     import torch
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
@@ -84,6 +84,7 @@ def train_loop(args, stop) -> dict:
     from ds_dynrank.lora import ranks_by_name
     from ds_dynrank.rundir import RunDir
     from ds_dynrank.task import job
+    from ds_dynrank.task.models import load_model, training_dtype
     from ds_dynrank.task.runtime import local_world_size, share_cpu_threads
 
     dist.init(timeout_s=args.dist_timeout)
@@ -92,6 +93,8 @@ def train_loop(args, stop) -> dict:
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=run.path, bf16_supported=bf16_available(accel))
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
+    # in the training precision, and under ZeRO-3 partitioned as it is built: no rank holds the whole base model
+    model = load_model(args.model, dtype=training_dtype(ds_config), ds_config=ds_config)
     items, collate = data.training_items()  # packed rows, or the examples
     dynrank = ds_dynrank.initialize(
         model,

@@ -48,6 +48,7 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    import torch
     from deepspeed.accelerator import get_accelerator
     from transformers import TrainingArguments, set_seed
 
@@ -55,12 +56,11 @@ def main() -> int:
     from ds_dynrank.hf import DynRankTrainer
     from ds_dynrank.lora import ranks_by_name
     from ds_dynrank.rundir import write_json
-    from ds_dynrank.task.models import load_model_and_tokenizer
+    from ds_dynrank.task.models import load_model, load_tokenizer
 
     try:
         set_seed(args.seed)
-        model, tokenizer = load_model_and_tokenizer(args.model)
-        data = job.build_data(args, tokenizer)
+        data = job.build_data(args, load_tokenizer(args.model))
         if args.packing:
             raise UserInputError("--packing: the main job packs (launch/train.py); this example trains unpacked")
         training = TrainingArguments(
@@ -79,6 +79,9 @@ def main() -> int:
             remove_unused_columns=False,
             use_cpu=get_accelerator().device_name() == "cpu",
         )
+        # after TrainingArguments: under a ZeRO-3 config transformers then builds the model partitioned
+        dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+        model = load_model(args.model, dtype=dtype)
         trainer = DynRankTrainer(model=model, args=training, train_dataset=data.train, data_collator=data.collate)
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
