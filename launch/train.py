@@ -50,6 +50,7 @@ def check_inputs(args):
         checkpoint.check_world_size(*resume, launch_world_size())
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
+    job.apply_gradient_checkpointing(model, args)
     data = job.build_data(args, tokenizer)
     validation = job.hold_out_validation(data, cfg, args.seed)
     if resume:
