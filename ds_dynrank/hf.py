@@ -26,6 +26,7 @@ from ds_dynrank.api import Setup, prepare
 from ds_dynrank.config import from_ds_config, load_ds_config
 from ds_dynrank.controller import DynRank
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.recompute import check_supported
 
 STATE_FILE = "dynrank_state.pt"
 
@@ -69,6 +70,10 @@ class DynRankTrainer(Trainer):
                 "dynrank: with DynRankTrainer leave 'optimizer' out of the DeepSpeed config "
                 "(Trainer builds it with the method's param groups)"
             )
+        for name in ("activation_checkpointing", "gradient_checkpointing"):  # the second: the deprecated alias
+            if getattr(self.args, name, None):
+                check_supported(self.model, name)  # before training, not at Trainer's first step
+                break
         problem = cfg.spec.weight_decay_problem(cfg, self.args.weight_decay)
         if problem:
             raise UserInputError(f"weight_decay: {problem}")

@@ -51,7 +51,9 @@ def check_inputs(args):
         resume = checkpoint.resolve(args.resume, checkpoints)
         checkpoint.check_world_size(*resume, launch_world_size())
     set_seed(args.seed)
-    modules = select_targets(skeleton(args.model), cfg)  # on the meta device: names, no weights, no memory
+    model = skeleton(args.model)  # on the meta device: names, no weights, no memory
+    modules = select_targets(model, cfg)
+    job.check_gradient_checkpointing(model, args)
     data = job.build_data(args, load_tokenizer(args.model))
     validation = job.hold_out_validation(data, cfg, args.seed)
     if resume:
@@ -95,6 +97,7 @@ def train_loop(args, stop) -> dict:
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
     # in the training precision, and under ZeRO-3 partitioned as it is built: no rank holds the whole base model
     model = load_model(args.model, dtype=training_dtype(ds_config), ds_config=ds_config)
+    job.apply_gradient_checkpointing(model, args)  # before the adapters go in
     items, collate = data.training_items()  # packed rows, or the examples
     dynrank = ds_dynrank.initialize(
         model,

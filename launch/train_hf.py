@@ -40,6 +40,7 @@ def main() -> int:
         default=None,
         help="continue from the last checkpoint in --output_dir, or from the one given",
     )
+    p.add_argument("--gradient_checkpointing", action="store_true", help="Trainer's, non-reentrant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     try:
@@ -78,6 +79,7 @@ def main() -> int:
             seed=args.seed,
             remove_unused_columns=False,
             use_cpu=get_accelerator().device_name() == "cpu",
+            **checkpointing_args(args.gradient_checkpointing),
         )
         # after TrainingArguments: under a ZeRO-3 config transformers then builds the model partitioned
         dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
@@ -89,6 +91,20 @@ def main() -> int:
     trainer.train(resume_from_checkpoint=args.resume)
     write_json(Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", ranks_by_name(trainer.dynrank.adapters))
     return 0
+
+
+def checkpointing_args(on: bool) -> dict:
+    """Trainer's own activation checkpointing, non-reentrant, under the name this transformers gives it (the
+    `gradient_checkpointing` arguments are its deprecated aliases)."""
+    from transformers import TrainingArguments
+
+    from ds_dynrank.recompute import CHECKPOINT_KWARGS
+
+    if not on:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": dict(CHECKPOINT_KWARGS)}
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def train(args) -> dict:
     raw.pop("dynrank", None)
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
+    job.apply_gradient_checkpointing(model, args)
     data = job.build_data(args, tokenizer)
     model = get_peft_model(model, peft_cfg)
     dist.init(timeout_s=args.dist_timeout)

@@ -133,6 +133,11 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         help="continue from a checkpoint: 'latest' in --output_dir (the default), a checkpoint root or tag; "
         "'auto': the latest in --output_dir if there is one, else start (what a requeued job wants)",
     )
+    p.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in backward (non-reentrant): less memory, more compute",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dist_timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
@@ -145,6 +150,23 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         if getattr(args, name) < 0:
             raise UserInputError(f"--{name}: must be >= 0, got {getattr(args, name)}")
     return args
+
+
+def check_gradient_checkpointing(model, args: argparse.Namespace) -> None:
+    """--gradient_checkpointing for a model without support is refused before any process group exists (on the
+    model's meta-device skeleton)."""
+    if args.gradient_checkpointing:
+        from ds_dynrank.recompute import check_supported
+
+        check_supported(model, "--gradient_checkpointing")
+
+
+def apply_gradient_checkpointing(model, args: argparse.Namespace) -> None:
+    """--gradient_checkpointing, on the loaded model before the adapters go in."""
+    if args.gradient_checkpointing:
+        from ds_dynrank.recompute import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
 
 
 @dataclass

@@ -151,6 +151,25 @@ def test_bad_data_model_or_checkpoint_is_one_clear_line(case, tiny_model_dir, ti
     assert not torch.distributed.is_initialized(), "refused after the process group started: run it as a process"
 
 
+def test_gradient_checkpointing_for_a_model_that_cannot_is_one_clear_line(
+    tiny_model_dir, tiny_csv, tmp_path, capsys, monkeypatch
+):
+    """--gradient_checkpointing with a model transformers cannot checkpoint: refused once the model loads, before
+    any process group exists (the tiny Llama stands in, its support switched off)."""
+    from transformers import LlamaForCausalLM
+
+    from ds_dynrank.task.job import run_main
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_csv), "--task", "classification",
+            "--gradient_checkpointing", "--output_dir", str(out)]  # fmt: skip
+    code = run_main(_entry_point().train, argv, "train")
+    pattern = r"^error: --gradient_checkpointing: LlamaForCausalLM does not support activation checkpointing"
+    _check_refusal(code, capsys.readouterr().err, pattern, out)
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.e2e
 def test_bad_config_under_the_deepspeed_launcher(tiny_model_dir, tiny_csv, tmp_path):
     cmd = [

@@ -1,7 +1,7 @@
 """The HF Trainer integration, 2 processes under ZeRO-2, on the main job's SFT data (a chat model, `messages`
-rows): DynRankTrainer's callback drives L1RA's events at optimizer steps, ranks move with the budget held, every
-rank ends with the same allocation, and a run resumed from one of Trainer's own checkpoints continues the
-allocation history exactly."""
+rows), with Trainer's activation checkpointing on: DynRankTrainer's callback drives L1RA's events at optimizer
+steps, ranks move with the budget held, every rank ends with the same allocation, and a run resumed from one of
+Trainer's own checkpoints continues the allocation history exactly."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _command(cfg, model, data, out, *extra: str) -> list[str]:
         str(SAVE_EVERY),
         "--output_dir",
         str(out),
+        "--gradient_checkpointing",  # Trainer's own, non-reentrant: the integration runs with it
         *extra,
     ]
 

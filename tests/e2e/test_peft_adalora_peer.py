@@ -38,6 +38,7 @@ def test_peft_adalora_reaches_its_target_budget(tiny_chat_model_dir, tiny_sft_js
         "16",
         "--output_dir",
         str(out),
+        "--gradient_checkpointing",  # the shared flag: the peer honours it too (PEFT's adapters in checkpointed layers)
     ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -85,15 +85,16 @@ def test_sft_default_data_reports_loss_perplexity_and_exact_match(tiny_chat_mode
     ("name", "dynrank", "extra"),
     [
         ("zero2_alora.json", {"schedule": {"start": 3, "interval": 3}, "alora": {"val_samples": 4}}, ["--packing"]),
-        # and exact match decoded under ZeRO-3, where every generation step gathers the weights on every rank
+        # and exact match decoded under ZeRO-3, where every generation step gathers the weights on every rank, and
+        # activation checkpointing through the rebuilt engines (tests/zero/test_activation_checkpointing.py: exact)
         (
             "zero3_modalloc.json",
             {"schedule": {"interval": 3}},
-            ["--packing", "--eval_generate", "6", "--max_new_tokens", "3"],
+            ["--packing", "--eval_generate", "6", "--max_new_tokens", "3", "--gradient_checkpointing"],
         ),
         ("zero2_adalora.json", {"adalora": {"tinit": 2, "tfinal": 2, "delta_t": 2}}, []),
     ],
-    ids=["alora-zero2-packed", "modalloc-physical-zero3-packed", "adalora-zero2"],
+    ids=["alora-zero2-packed", "modalloc-physical-zero3-packed-checkpointed", "adalora-zero2"],
 )
 def test_every_method_trains_on_sft_batches(tiny_chat_model_dir, tiny_sft_jsonl, tmp_path, name, dynrank, extra):
     out = tmp_path / "run"

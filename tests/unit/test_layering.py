@@ -32,6 +32,7 @@ PURE = [
     "ds_config.py",
     "launch_env.py",
     "backends/base.py",
+    "recompute.py",
     "methods/",
     "task/classification.py",
     "task/tables.py",

@@ -18,6 +18,7 @@ from ds_dynrank.allocation import Plan
 from ds_dynrank.backends.base import SlotMap
 from ds_dynrank.methods.base import Adapters, Event, Method
 from ds_dynrank.methods.modalloc import strategies
+from ds_dynrank.recompute import counts_forward
 
 
 def default_k(n_modules: int) -> int:
@@ -71,7 +72,7 @@ class ModAlloc(Method):
 
     def _activation_hook(self, m: int):
         def hook(module, inputs, output) -> None:
-            if module.training and torch.is_grad_enabled():  # training forwards only: not eval, not scoring
+            if counts_forward(module):  # once per micro-batch: not eval, not scoring, not checkpointing's replay
                 self._local[m] += output.detach().float().norm(dim=-1).sum().to(self._local.device)
 
         return hook
