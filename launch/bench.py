@@ -216,10 +216,11 @@ def main() -> int:
     dist.init()
     from deepspeed.accelerator import get_accelerator
 
-    from ds_dynrank.task.runtime import local_world_size, share_cpu_threads
+    from ds_dynrank.task.runtime import local_world_size, return_freed_memory, share_cpu_threads
 
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
+    return_freed_memory(accel.device_name())
     base = resolve(
         load_ds_config(args.deepspeed),
         max_steps=args.steps + args.warmup,

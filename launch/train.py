@@ -87,12 +87,13 @@ def train_loop(args, stop) -> dict:
     from ds_dynrank.rundir import RunDir
     from ds_dynrank.task import job
     from ds_dynrank.task.models import load_model, training_dtype
-    from ds_dynrank.task.runtime import local_world_size, share_cpu_threads
+    from ds_dynrank.task.runtime import local_world_size, return_freed_memory, share_cpu_threads
 
     dist.init(timeout_s=args.dist_timeout)
     run = RunDir(job.shared_output_dir(args))
     accel = get_accelerator()
     share_cpu_threads(accel.device_name(), local_world_size(dist.world_size()))
+    return_freed_memory(accel.device_name())  # before the model: see task/runtime.py
     ds_config = resolve(ds_config, max_steps=args.max_steps, output_dir=run.path, bf16_supported=bf16_available(accel))
     micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
     # in the training precision, and under ZeRO-3 partitioned as it is built: no rank holds the whole base model
