@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import sys
 import time
@@ -120,6 +121,7 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
     from ds_dynrank.config import from_ds_config
     from ds_dynrank.task.classification import collate_train
     from ds_dynrank.task.models import load_model, training_dtype
+    from ds_dynrank.zero.engine import teardown
 
     ds_config = copy.deepcopy(base_cfg)
     ds_config["dynrank"] = variant_section(name, base_cfg.get("dynrank", {}), args)
@@ -183,7 +185,9 @@ def run_variant(name: str, args, base_cfg: dict, batches: list, scoring_pool: li
         "trainable_parameters": dynrank.trainable_parameters(),
         "final_loss": float(loss.item()),
     }
-    dynrank.engine.destroy()
+    teardown(dynrank.engine)  # destroy() alone leaves ZeRO-3's hooks holding the model: the next variant pays
+    del dynrank, model
+    gc.collect()
     return result
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -94,6 +95,7 @@ def run_variant(name: str, args, shape_dir: Path, base_cfg: dict, batches: list,
 
     import ds_dynrank
     from ds_dynrank.config import from_ds_config
+    from ds_dynrank.zero.engine import teardown
 
     accel = get_accelerator()
     ds_config = copy.deepcopy(base_cfg)
@@ -143,8 +145,9 @@ def run_variant(name: str, args, shape_dir: Path, base_cfg: dict, batches: list,
         "trainable_parameters": dynrank.trainable_parameters(),
         "final_loss": float(loss.item()),
     }
-    dynrank.engine.destroy()
+    teardown(dynrank.engine)  # destroy() alone leaves ZeRO-3's hooks holding the model: the next variant pays
     del dynrank, engine, model
+    gc.collect()
     accel.empty_cache()
     return result
 
