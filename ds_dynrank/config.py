@@ -254,6 +254,52 @@ def check_deepspeed_compat(cfg: CoreConfig, ds_config: dict[str, Any]) -> None:
     problem = cfg.spec.weight_decay_problem(cfg, decay)
     if problem:
         raise UserInputError(f"optimizer.params.weight_decay: {problem}")
+    problem = offload_problem(ds_config.get("zero_optimization") or {}) if cfg.dynamic else None
+    if problem:
+        raise UserInputError(f"zero_optimization.{problem}")
+
+
+_UNREACHED = "so the re-allocation engine could not carry the surviving ranks' fp32 values and Adam moments exactly"
+
+
+def offload_problem(zero: dict[str, Any]) -> str | None:
+    """Why a ZeRO offload setting cannot run under re-allocation events (None: it can). Host offload (`"device":
+    "cpu"`) of the optimizer state and, under ZeRO-3, of the parameters is tested; these are not."""
+    if zero.get("zenflow") is not None:
+        return (
+            "zenflow: not supported with a dynamic method: ZenFlow keeps deferred updates (stale parameters, "
+            f"accumulated gradients) outside the optimizer state and may apply them in another process, {_UNREACHED}"
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        if str(_section(zero, key).get("device", "none")).lower() == "nvme":
+            return (
+                f"{key}.device: 'nvme' is not supported with a dynamic method: DeepSpeed swaps that state through "
+                "its async_io op, which cannot be built where ds_dynrank is tested (it needs libaio), and the "
+                "re-allocation engine writes partitions and Adam state in memory, past the swapper; use 'cpu'"
+            )
+    if str(zero.get("stage", 0)) != "3":  # partial offload and SuperOffload are ZeRO-3's (ignored below)
+        return None
+    optimizer = _section(zero, "offload_optimizer")
+    ratio = optimizer.get("ratio", 1.0)
+    if isinstance(ratio, int | float) and ratio < 1.0:
+        return (
+            f"offload_optimizer.ratio: {ratio} (partial offload) is not supported with a dynamic "
+            "method: DeepSpeed steps the sub-groups it keeps on the accelerator with a second optimizer whose Adam "
+            f"state neither its safe_get/set_full_optimizer_state accessors nor ds_dynrank reach, {_UNREACHED}; "
+            "use 1.0"
+        )
+    if optimizer.get("super_offload"):
+        return (
+            "offload_optimizer.super_offload: not supported with a dynamic method: SuperOffload runs CPU Adam in a "
+            f"worker process of its own, which holds the fp32 masters and Adam moments, {_UNREACHED}; leave it off"
+        )
+    return None
+
+
+def _section(zero: dict[str, Any], key: str) -> dict[str, Any]:
+    """A sub-section as a dict (anything else is DeepSpeed's to reject)."""
+    value = zero.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def format_validation_error(err: ValidationError, section: str = SECTION) -> str:

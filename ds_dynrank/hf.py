@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ds_dynrank.api import Setup, prepare
-from ds_dynrank.config import from_ds_config, load_ds_config
+from ds_dynrank.config import check_deepspeed_compat, from_ds_config, load_ds_config
 from ds_dynrank.controller import DynRank
 from ds_dynrank.errors import UserInputError
 from ds_dynrank.recompute import check_supported
@@ -55,6 +55,22 @@ class DynRankCallback(TrainerCallback):
         self.dynrank.after_step()
 
 
+def trainer_config(raw: dict, weight_decay: float):
+    """The validated section of a DeepSpeed config for DynRankTrainer, or the refusal: the optimizer is Trainer's
+    (so it must be left out, and its weight decay suit the method), the ZeRO settings as for any engine."""
+    cfg = from_ds_config(raw)
+    if "optimizer" in raw:
+        raise UserInputError(
+            "dynrank: with DynRankTrainer leave 'optimizer' out of the DeepSpeed config "
+            "(Trainer builds it with the method's param groups)"
+        )
+    problem = cfg.spec.weight_decay_problem(cfg, weight_decay)
+    if problem:
+        raise UserInputError(f"weight_decay: {problem}")
+    check_deepspeed_compat(cfg, raw)
+    return cfg
+
+
 class DynRankTrainer(Trainer):
     """Trainer whose optimizer has the method's param groups and whose loop drives the controller."""
 
@@ -64,19 +80,11 @@ class DynRankTrainer(Trainer):
         super().__init__(*args, **kwargs)
         ds = self.args.deepspeed
         raw = load_ds_config(ds) if isinstance(ds, str | Path) else dict(ds or {})
-        cfg = from_ds_config(raw)
-        if "optimizer" in raw:
-            raise UserInputError(
-                "dynrank: with DynRankTrainer leave 'optimizer' out of the DeepSpeed config "
-                "(Trainer builds it with the method's param groups)"
-            )
+        cfg = trainer_config(raw, self.args.weight_decay)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # the second: the deprecated alias
             if getattr(self.args, name, None):
                 check_supported(self.model, name)  # before training, not at Trainer's first step
                 break
-        problem = cfg.spec.weight_decay_problem(cfg, self.args.weight_decay)
-        if problem:
-            raise UserInputError(f"weight_decay: {problem}")
         self.dynrank_setup = prepare(self.model, cfg, ds_config=raw, validation=dynrank_validation)
         if self.dynrank_setup.backend.swaps_engine:
             raise UserInputError(

@@ -164,9 +164,32 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
-def tiny_ds_config(stage: int, *, accumulation: int = 2, scheduler_steps: int | None = None) -> dict:
+def offload_settings(stage: int) -> dict:
+    """The shipped ds_configs/zero3_offload.json's offload blocks, the ones the offload tests run: the optimizer
+    state on the host, and under ZeRO-3 the parameters too (DeepSpeed ignores offload_param below ZeRO-3)."""
+    zero = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())["zero_optimization"]
+    return {key: zero[key] for key in ("offload_optimizer", "offload_param")[: 2 if stage == 3 else 1]}
+
+
+def offloaded(engine) -> bool:
+    """Did DeepSpeed really take the offload path (it ignores offload settings where a stage has none), with every
+    fp32 partition and Adam moment on the host?"""
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() == 0:
+        return False  # no ZeRO optimizer: nothing to offload
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat
+    moments = [s[key] for s in opt.optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+    on_host = all(t.device.type == "cpu" for t in [*flats, *moments]) and len(moments) == 2 * len(flats)
+    if engine.zero_optimization_stage() == 3:
+        return bool(opt.offload_optimizer and opt.offload_param and on_host)
+    return bool(opt.cpu_offload and on_host)
+
+
+def tiny_ds_config(
+    stage: int, *, accumulation: int = 2, scheduler_steps: int | None = None, offload: bool = False
+) -> dict:
     """A DeepSpeed config for the tiny model under ZeRO `stage`: fp32, torch AdamW, adapters really sharded under
-    ZeRO-3 (no persistence threshold), small buckets, optionally DeepSpeed's WarmupDecayLR."""
+    ZeRO-3 (no persistence threshold), small buckets, optionally DeepSpeed's WarmupDecayLR and ZeRO-Offload."""
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": accumulation,
@@ -174,6 +197,8 @@ def tiny_ds_config(stage: int, *, accumulation: int = 2, scheduler_steps: int | 
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**6, "stage3_param_persistence_threshold": 0},
     }
+    if offload:
+        config["zero_optimization"].update(offload_settings(stage))
     if scheduler_steps:
         config["scheduler"] = {
             "type": "WarmupDecayLR",
@@ -199,13 +224,19 @@ def assert_ranks_identical(directory: Path, prefix: str, stages) -> None:
 
 
 def build_dynrank(
-    stage: int, section: dict, *, scheduler_steps: int | None = 40, total_steps: int = 2000, **initialize_kwargs
+    stage: int,
+    section: dict,
+    *,
+    scheduler_steps: int | None = 40,
+    total_steps: int = 2000,
+    offload: bool = False,
+    **initialize_kwargs,
 ):
     """Tiny Llama + adapters + DeepSpeed engine under ZeRO `stage` + the controller, through the front door. The
     default run length leaves room for `"schedule": {"start": 1000}`, the tests that force their own events."""
     import ds_dynrank
 
-    config = {**tiny_ds_config(stage, scheduler_steps=scheduler_steps), "dynrank": section}
+    config = {**tiny_ds_config(stage, scheduler_steps=scheduler_steps, offload=offload), "dynrank": section}
     return ds_dynrank.initialize(tiny_llama(seed=0), config, total_steps=total_steps, **initialize_kwargs)
 
 

@@ -27,6 +27,7 @@ class EngineCarry:
 
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+_OPTIMIZER_LINKS = ("_z3_optimizer", "_zero_optimizer")  # ZeRO-3 on every parameter; ZeRO-1/2 under offload
 
 
 def _adam_state(engine) -> dict:
@@ -52,6 +53,9 @@ def teardown(engine) -> None:
     if stage(engine) == 3:  # release parameters an eval pass left gathered; engine.empty_partition_cache() would
         engine.optimizer.empty_partition_cache()  # add a full gc.collect (~0.5 s) that cannot free the engine yet
     engine.destroy()
+    for p in engine.module.parameters():  # back links to the optimizer that destroy() leaves: a caller still
+        for link in _OPTIMIZER_LINKS:  # holding one replaced layer kept the whole old engine and its state alive
+            p.__dict__.pop(link, None)  # (the new engine links the parameters it keeps again)
     for name in ("module_forward_pre_hook", "module_forward_post_hook"):
         handle = getattr(engine, name, None)
         if handle is not None:
@@ -124,7 +128,8 @@ def _broadcasting_trainable_only() -> Iterator[None]:
 
 
 def _prime_adam_state(engine, step) -> None:
-    """torch's Adam creates its state at the first step; write it now so the carried moments have a home."""
+    """Adam creates its state at the first step; write it now so the carried moments have a home. The moments
+    sit beside their partition (on the host under offload_optimizer), the step keeps its type."""
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     flats = (
@@ -134,8 +139,12 @@ def _prime_adam_state(engine, step) -> None:
     )
     targets = flats if flats else [p for g in inner.param_groups for p in g["params"]]
     for t in targets:
-        inner.state[t] = {
-            "step": step.clone() if torch.is_tensor(step) else torch.tensor(float(step or 0)),
-            "exp_avg": torch.zeros_like(t),
-            "exp_avg_sq": torch.zeros_like(t),
-        }
+        inner.state[t] = {"step": _step_copy(step), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+
+
+def _step_copy(step):
+    """The carried Adam step, as its optimizer counts it: torch's Adam in a tensor, DeepSpeedCPUAdam (ZeRO-Offload)
+    in an int that its cpu_adam op takes as a size_t. No step yet: torch's convention."""
+    if torch.is_tensor(step):
+        return step.clone()
+    return torch.tensor(0.0) if step is None else int(step)

@@ -176,3 +176,64 @@ def test_a_method_that_needs_a_validation_batch_without_one_is_refused():
     config = {"train_micro_batch_size_per_gpu": 1, "dynrank": {"method": "alora", "schedule": {"start": 2}}}
     with pytest.raises(UserInputError, match=r"dynrank\.method: 'alora' scores ranks on a validation batch"):
         ds_dynrank.initialize(tiny_llama(), config, total_steps=100)  # refused before DeepSpeed is even started
+
+
+CPU, NVME = {"device": "cpu"}, {"device": "nvme"}
+DYNAMIC = {"method": "l1ra", "reshape": {"backend": "physical"}}
+
+
+@pytest.mark.parametrize(
+    ("zero", "expected"),
+    [
+        ({"stage": 3, "offload_optimizer": NVME}, r"zero_optimization\.offload_optimizer\.device: 'nvme'"),
+        ({"stage": 3, "offload_param": NVME}, r"zero_optimization\.offload_param\.device: 'nvme'.*libaio"),
+        ({"stage": 2, "offload_optimizer": NVME}, r"offload_optimizer\.device: 'nvme'"),
+        ({"stage": 3, "offload_optimizer": {**CPU, "ratio": 0.5}}, r"offload_optimizer\.ratio: 0\.5 \(partial offload"),
+        ({"stage": 3, "offload_optimizer": {**CPU, "super_offload": True}}, r"super_offload: .*worker process"),
+        ({"stage": 2, "offload_optimizer": CPU, "zenflow": {"topk_ratio": 0.1}}, r"zero_optimization\.zenflow: "),
+    ],
+)
+def test_offload_the_engine_cannot_carry_is_refused(zero, expected):
+    raw = {"zero_optimization": zero, "dynrank": DYNAMIC}
+    with pytest.raises(UserInputError, match=expected):
+        check_deepspeed_compat(from_ds_config(raw), raw)
+    masked = {**raw, "dynrank": {"method": "l1ra"}}
+    with pytest.raises(UserInputError, match=expected):  # both backends read and edit the same state
+        check_deepspeed_compat(from_ds_config(masked), masked)
+    fixed = {**raw, "dynrank": {"method": "lora"}}  # no event ever touches the state: DeepSpeed's own business
+    check_deepspeed_compat(from_ds_config(fixed), fixed)
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [
+        {"stage": 2, "offload_optimizer": CPU},
+        {"stage": 3, "offload_optimizer": CPU, "offload_param": CPU},
+        {"stage": 3, "offload_optimizer": {**CPU, "ratio": 1.0}, "offload_param": {"device": "none"}},
+        {"stage": 2, "offload_optimizer": {**CPU, "ratio": 0.5}},  # ZeRO-3's knob: DeepSpeed ignores it below
+    ],
+)
+def test_host_offload_is_accepted(zero):
+    raw = {"zero_optimization": zero, "dynrank": DYNAMIC}
+    check_deepspeed_compat(from_ds_config(raw), raw)
+
+
+def test_offload_config_is_the_physical_zero3_config_plus_host_offload():
+    """zero3_offload.json's offload blocks are the ones the 2-process offload tests run (helpers.offload_settings);
+    everything else is zero3_l1ra.json, which the launch tests run."""
+    offload = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    base = json.loads((REPO / "ds_configs" / "zero3_l1ra.json").read_text())
+    zero = offload["zero_optimization"]
+    assert zero.pop("offload_optimizer") == CPU and zero.pop("offload_param") == CPU
+    assert offload == base
+
+
+def test_hf_trainer_refuses_the_same_offload():
+    """DynRankTrainer builds no engine through initialize(): it checks the ZeRO settings itself."""
+    from ds_dynrank.hf import trainer_config
+
+    raw = load_ds_config(REPO / "ds_configs" / "hf_zero2_l1ra.json")
+    assert trainer_config(raw, 0.0).method == "l1ra"
+    raw["zero_optimization"]["offload_optimizer"] = NVME
+    with pytest.raises(UserInputError, match=r"zero_optimization\.offload_optimizer\.device: 'nvme'"):
+        trainer_config(raw, 0.0)

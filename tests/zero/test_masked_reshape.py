@@ -1,20 +1,22 @@
 """The masked backend under ZeRO 0, 1, 2 and 3, 2 real processes: an event that prunes and grows keeps the
 surviving slots' fp32 values and both Adam moments bit for bit, gives born slots B = 0, gate 1, zero moments and A
 rows from the shared seed, preserves the model's function when only zero-gate ranks are pruned, keeps killed
-slots exactly zero through further steps, and leaves every rank with identical adapters. (Identity events:
-test_identity_events.py.)"""
+slots exactly zero through further steps, and leaves every rank with identical adapters; also under ZeRO-Offload
+(ZeRO-2 and -3), with the masters and moments on the host. (Identity events: test_identity_events.py.)"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_ranks_identical, build_dynrank, train_steps
+from helpers import assert_ranks_identical, build_dynrank, offloaded, train_steps
 
 from ds_dynrank.allocation import Plan
 
 STAGES = (0, 1, 2, 3)
+OFFLOAD_STAGES = (2, 3)  # ZeRO-Offload: optimizer state on the host, and the parameters too under ZeRO-3
 CFG = {"method": "l1ra", "r": 4, "capacity": 8, "schedule": {"start": 1000}, "l1ra": {"l1_lambda": 0.0}}
 
 
@@ -31,19 +33,20 @@ def _states(io, adapters) -> dict:
     return {f"{n}.{k}": io.read(getattr(layer, k)) for n, layer in adapters for k in ("lora_A", "lora_B", "lora_gate")}
 
 
-def _build(stage: int):
-    dynrank = build_dynrank(stage, CFG, scheduler_steps=None)
+def _build(stage: int, offload: bool = False):
+    dynrank = build_dynrank(stage, CFG, scheduler_steps=None, offload=offload)
     return dynrank.engine, dynrank, dynrank.adapters
 
 
-def _event_worker(rank: int, world: int, out_dir: Path) -> None:
+def _event_worker(rank: int, world: int, out_dir: Path, stages=STAGES, offload: bool = False) -> None:
     from ds_dynrank.backends.base import slot_generator
     from ds_dynrank.backends.masked import split_slots
 
-    for stage in STAGES:
-        engine, dynrank, adapters = _build(stage)
+    for stage in stages:
+        engine, dynrank, adapters = _build(stage, offload)
         io = dynrank.io
         train_steps(dynrank, 3, rank, seed=10)
+        assert offloaded(engine) == offload, stage
         live = [layer.live_slots() for _, layer in adapters]
         plan = forced_plan(live)
         # make the pruned slots' gates exactly 0, so the event must preserve the function
@@ -83,7 +86,8 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
                 assert torch.equal(after[f"{name}.lora_gate"].value[born], torch.ones(len(born)))
             assert layer.live_slots() == sorted(keep + born)
         torch.testing.assert_close(after_logits, before_logits, rtol=0, atol=1e-6)
-        train_steps(dynrank, 3, rank, seed=20)
+        losses = train_steps(dynrank, 3, rank, seed=20)
+        assert all(map(math.isfinite, losses)), (stage, losses)
         final = _states(io, adapters)
         for name, layer in adapters:
             dead = [i for i in range(layer.capacity) if i not in layer.live_slots()]
@@ -103,3 +107,11 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
 def test_masked_event_under_every_zero_stage(run_distributed, tmp_path):
     run_distributed(_event_worker, tmp_path)
     assert_ranks_identical(tmp_path, "masked", STAGES)
+
+
+@pytest.mark.deepspeed
+def test_masked_event_under_zero_offload(run_distributed, tmp_path):
+    """The same event with the fp32 masters and Adam moments on the host (offload_optimizer, ZeRO-2 and -3) and,
+    under ZeRO-3, the parameter partitions too (offload_param)."""
+    run_distributed(_event_worker, tmp_path, OFFLOAD_STAGES, True)
+    assert_ranks_identical(tmp_path, "masked", OFFLOAD_STAGES)

@@ -1,20 +1,23 @@
 """The physical backend under ZeRO 0-3, 2 real processes: shapes really change. Surviving slots carry their fp32
 values and both Adam moments bit for bit into the rebuilt engine, born slots are seeded with B = 0, gate 1 and
 zero moments, the function is preserved, the trainable parameter count is what the new ranks imply, the rebuild
-does not send the frozen base model again, and ten rebuilds leak no engine and no memory. (Identity events:
-test_identity_events.py.)"""
+does not send the frozen base model again, a replaced layer still held keeps no old engine alive, and ten rebuilds
+leak no engine and no memory; the same event under ZeRO-Offload (ZeRO-2 and -3) carries the state into the new host
+optimizer. (Identity events: test_identity_events.py.)"""
 
 from __future__ import annotations
 
 import gc
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_ranks_identical, build_dynrank, engines_alive, train_steps
+from helpers import assert_ranks_identical, build_dynrank, engines_alive, offloaded, train_steps
 from test_masked_reshape import forced_plan
 
 STAGES = (0, 1, 2, 3)
+OFFLOAD_STAGES = (2, 3)  # ZeRO-Offload: optimizer state on the host, and the parameters too under ZeRO-3
 LEAK_STAGE = 2  # ZeRO-3's physical rebuilds are the 50 of tests/zero/test_soak.py
 SECTION = {
     "method": "l1ra",
@@ -25,8 +28,8 @@ SECTION = {
 }
 
 
-def build(stage: int):
-    return build_dynrank(stage, SECTION)
+def build(stage: int, offload: bool = False):
+    return build_dynrank(stage, SECTION, offload=offload)
 
 
 train = train_steps
@@ -38,15 +41,23 @@ def states(dynrank) -> dict:
     return dict(zip(names, dynrank.io.read_many(tensors)))
 
 
-def _event_worker(rank: int, world: int, out_dir: Path) -> None:
+def _adam_step(engine):
+    steps = {repr(s["step"]) for s in engine.optimizer.optimizer.state.values()}
+    assert len(steps) == 1, steps  # every partition has stepped alike
+    return next(iter(engine.optimizer.optimizer.state.values()))["step"]
+
+
+def _event_worker(rank: int, world: int, out_dir: Path, stages=STAGES, offload: bool = False) -> None:
     from ds_dynrank import dist
     from ds_dynrank.backends.base import slot_generator
     from ds_dynrank.lora import adapter_parameters
     from ds_dynrank.zero import full_numel
 
-    for stage in STAGES:
-        dynrank = build(stage)
+    for stage in stages:
+        dynrank = build(stage, offload)
         train(dynrank, 3, rank, seed=10)
+        assert offloaded(dynrank.engine) == offload, stage
+        step = _adam_step(dynrank.engine) if stage else None
         live = [layer.live_slots() for _, layer in dynrank.adapters]
         plan = forced_plan(live)
         for (_, layer), keep in zip(dynrank.adapters, plan.keep):  # pruned slots get gate 0: function preserved
@@ -58,6 +69,7 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
         with torch.no_grad():
             before_logits = dynrank.engine(input_ids=probe).logits.clone()
         before, old_engine = states(dynrank), dynrank.engine
+        held = dynrank.adapters[-1][1]  # a caller's reference to an old layer must not keep the old engine alive
         frozen_bytes = sum(
             full_numel(p) * p.element_size() for p in dynrank.engine.module.parameters() if not p.requires_grad
         )
@@ -66,6 +78,10 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
         assert 0 < sent.bytes < frozen_bytes, (stage, sent.bytes, frozen_bytes)  # the base model is not re-sent
         assert dynrank.engine is not old_engine
         del old_engine
+        gc.collect()
+        assert engines_alive() == 1 and held is not dynrank.adapters[-1][1], stage
+        if stage:  # the new optimizer holds the carried step, of the type its optimizer counts in
+            assert offloaded(dynrank.engine) == offload and repr(_adam_step(dynrank.engine)) == repr(step), stage
         after = states(dynrank)
         dynrank.engine.eval()
         with torch.no_grad():
@@ -92,8 +108,8 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
         expected = sum(layer.rank * layer.rank_cost() for _, layer in dynrank.adapters)
         assert sum(full_numel(p) for p in adapter_parameters(dynrank.adapters)) == expected
         assert dynrank.engine.global_steps == 3 and dynrank.applied_steps == 3
-        train(dynrank, 3, rank, seed=20)
-        assert dynrank.engine.global_steps == 6
+        losses = train(dynrank, 3, rank, seed=20)
+        assert dynrank.engine.global_steps == 6 and all(map(math.isfinite, losses)), (stage, losses)
         final = states(dynrank)
         torch.save(
             {k: (v.value, v.exp_avg, v.exp_avg_sq) for k, v in final.items()},
@@ -106,6 +122,15 @@ def _event_worker(rank: int, world: int, out_dir: Path) -> None:
 def test_physical_event_under_every_zero_stage(run_distributed, tmp_path):
     run_distributed(_event_worker, tmp_path)
     assert_ranks_identical(tmp_path, "physical", STAGES)
+
+
+@pytest.mark.deepspeed
+def test_physical_event_under_zero_offload(run_distributed, tmp_path):
+    """The same rebuild with the fp32 masters and Adam moments on the host (offload_optimizer, ZeRO-2 and -3)
+    and, under ZeRO-3, the parameter partitions too (offload_param): the new host optimizer holds the carried
+    state."""
+    run_distributed(_event_worker, tmp_path, OFFLOAD_STAGES, True)
+    assert_ranks_identical(tmp_path, "physical", OFFLOAD_STAGES)
 
 
 def _leak_worker(rank: int, world: int, out_dir: Path) -> None:
