@@ -86,7 +86,7 @@ def test_sft_default_data_reports_loss_perplexity_and_exact_match(tiny_chat_mode
     [
         ("zero2_alora.json", {"schedule": {"start": 3, "interval": 3}, "alora": {"val_samples": 4}}, ["--packing"]),
         # and exact match decoded under ZeRO-3, where every generation step gathers the weights on every rank, and
-        # activation checkpointing through the rebuilt engines (tests/zero/test_activation_checkpointing.py: exact)
+        # activation checkpointing through the rebuilt engines (tests/zero/test_recompute_engine.py: exact)
         (
             "zero3_modalloc.json",
             {"schedule": {"interval": 3}},

@@ -1,7 +1,7 @@
 """Activation checkpointing in one process, no DeepSpeed: the flag, the refusal of a model that cannot checkpoint,
 and what the hooks see. With it on, the layers' forwards are replayed inside backward (and recognised as such),
 every adapter still gets its gradient without transformers' input-grad hook, and the gradients are bit for bit
-those of the unchecked model. The 2-process runs under ZeRO-2/3 are tests/zero/test_activation_checkpointing.py."""
+those of the unchecked model. The 2-process runs under ZeRO-2/3 are tests/zero/test_recompute_engine.py."""
 
 from __future__ import annotations
 
