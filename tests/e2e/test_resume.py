@@ -4,8 +4,9 @@ history, every step's loss and the final metric are the uninterrupted run's.
 - Preemption (masked backend, ZeRO-2): SIGTERM to the whole process group, launcher included, as SLURM sends it to
   every process of a step; the launcher passes a second SIGTERM on to its processes. Both ranks stop at the same
   optimizer step, commit a checkpoint of it and exit 75; `--resume` continues from there.
-- Kill -9 in the middle of a re-allocation (physical backend, ZeRO-3: the engine rebuilt, the event not yet
-  recorded); `--resume` continues from the checkpoint before it.
+- Kill -9 in the middle of a re-allocation (masked backend, ZeRO-2: masters and moments edited in place; physical
+  backend, ZeRO-3: the engine rebuilt; the event not yet recorded); `--resume` continues from the checkpoint before
+  it.
 
 The kill point is deterministic: the run holds there (DS_DYNRANK_HOLD, ds_dynrank/holds.py) until it is signalled,
 and the test signals only once every rank is held."""
@@ -127,11 +128,14 @@ def test_sigterm_to_the_whole_job_checkpoints_that_step_and_resumes_exactly(
 
 
 @pytest.mark.e2e
-def test_kill_during_a_physical_event_resumes_exactly(tiny_model_dir, tiny_csv, tmp_path, l1ra_run):
-    cfg, whole = l1ra_run("zero3_l1ra.json")
+@pytest.mark.parametrize("config", ["zero2_l1ra.json", "zero3_l1ra.json"], ids=["masked-zero2", "physical-zero3"])
+def test_kill_during_an_event_resumes_exactly(config, tiny_model_dir, tiny_csv, tmp_path, l1ra_run):
+    """Masked: the masters and moments edited in place; physical: the engine rebuilt. Both before the event is
+    recorded; the uninterrupted runs are the ones the SIGTERM and reshard tests share."""
+    cfg, whole = l1ra_run(config)
     env, broken = subprocess_env(), tmp_path / "broken"
     proc = held_run(l1ra_command(cfg, tiny_model_dir, tiny_csv, broken), "event:6", tmp_path / "held", env)
-    kill_all(proc, tmp_path / "held")  # the new engine built, the event unrecorded
+    kill_all(proc, tmp_path / "held")  # the event applied, not yet recorded
     assert (broken / "checkpoints" / "latest").read_text() == "step4"
     assert [h["step"] for h in _history(broken)] == [0, 2, 4]
     resume(cfg, tiny_model_dir, tiny_csv, broken, env)

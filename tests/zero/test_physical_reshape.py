@@ -18,7 +18,7 @@ from test_masked_reshape import forced_plan
 
 STAGES = (0, 1, 2, 3)
 OFFLOAD_STAGES = (2, 3)  # ZeRO-Offload: optimizer state on the host, and the parameters too under ZeRO-3
-LEAK_STAGE = 2  # ZeRO-3's physical rebuilds are the 50 of tests/zero/test_soak.py
+LEAK_STAGE = 2  # ZeRO-3's physical rebuilds are the 30 of tests/zero/test_soak.py
 SECTION = {
     "method": "l1ra",
     "r": 4,
