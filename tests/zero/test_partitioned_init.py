@@ -12,14 +12,7 @@ import pytest
 import torch
 from helpers import tiny_ds_config, train_steps
 from test_masked_reshape import forced_plan
-
-SECTION = {
-    "method": "l1ra",
-    "r": 4,
-    "reshape": {"backend": "physical"},
-    "schedule": {"start": 1000},
-    "l1ra": {"l1_lambda": 0.0},
-}
+from test_physical_reshape import SECTION  # L1RA on the physical backend, events forced by the test
 
 
 def _config(bf16: bool = False) -> dict:
