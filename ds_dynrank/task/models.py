@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.launch_env import launch_rank
 from ds_dynrank.task import assets
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json")
@@ -181,5 +182,5 @@ def load_model_and_tokenizer(
 
 def _loud(message: str) -> None:
     """A warning every user sees once: rank 0 (or a single process) prints it to stderr."""
-    if os.environ.get("RANK", "0") == "0":
+    if launch_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
