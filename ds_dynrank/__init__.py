@@ -23,6 +23,7 @@ _EXPORTS = {
     "LoRALinear": "ds_dynrank.lora",
     "iter_lora": "ds_dynrank.lora",
     "DynRankTrainer": "ds_dynrank.hf",
+    "DynRankSFTTrainer": "ds_dynrank.sft_trainer",
     "MethodSpec": "ds_dynrank.methods.spec",
     "register_method": "ds_dynrank.methods.registry",
 }

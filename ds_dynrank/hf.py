@@ -1,21 +1,30 @@
-"""HF Trainer integration: the same controller, driven by Trainer's callbacks, saved and resumed with Trainer's own
-checkpoints.
+"""HF Trainer and TRL integration: the same controller, driven by Trainer's callbacks, saved and resumed with
+Trainer's own checkpoints.
 
     trainer = DynRankTrainer(model=model, args=TrainingArguments(deepspeed="ds_configs/hf_zero2_l1ra.json", ...),
                              train_dataset=...)   # adapters are injected from the config's "dynrank" section
     trainer.train()                                # or trainer.train(resume_from_checkpoint=True)
 
-`DynRankTrainer` builds the optimizer from the method's groups (L1RA's gates train at their own constant learning
-rate), so the DeepSpeed config must leave `optimizer` out and let Trainer create it. Its callback builds the
-controller over Trainer's DeepSpeed engine when training begins and calls `after_step()` at every optimizer step;
-every checkpoint Trainer writes carries the controller's state (`dynrank_state.pt`), and resuming restores it.
-Only a backend that keeps the engine runs under Trainer (masked): Trainer and accelerate hold references to the
-engine, which the physical backend replaces at its events.
+`DynRankTrainerMixin` holds all of it, so that `DynRankTrainer` (HF `Trainer`) and `DynRankSFTTrainer` (TRL's
+`SFTTrainer`, ds_dynrank/sft_trainer.py) are one implementation. The DeepSpeed config comes from
+`TrainingArguments(deepspeed=...)` or from accelerate's DeepSpeed plugin (`accelerate launch --config_file`), and
+must leave `optimizer` out: the trainer builds it from the method's param groups (L1RA's gates train at their own
+learning rate). The callback builds the controller over the trainer's engine when training begins and calls
+`after_step()` at every optimizer step. Accelerate runs `engine.backward()` and `engine.step()` in one call, so no
+callback sees gradients; our methods read them through tensor hooks during backward and do not need to.
+
+A checkpoint holds what the model source cannot give back: the adapters (as a PEFT adapter directory, as Trainer
+writes for a PEFT model), DeepSpeed's state without the frozen base, and the controller's state and allocation.
+A physical event replaces the engine: the engine object Trainer, accelerate and the training loop hold then takes
+on the new engine's state, and accelerate's optimizer wrapper (which Trainer's LR scheduler drives) wraps the new
+optimizer, so nothing keeps driving, or keeps alive, the old one.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,8 +36,11 @@ from ds_dynrank.config import check_deepspeed_compat, from_ds_config, load_ds_co
 from ds_dynrank.controller import DynRank
 from ds_dynrank.errors import UserInputError
 from ds_dynrank.recompute import check_supported
+from ds_dynrank.rundir import temp_sibling, write_json
+from ds_dynrank.zero.checkpoint import trainable_state_only
 
 STATE_FILE = "dynrank_state.pt"
+ALLOCATION_FILE = "dynrank_allocation.json"  # the adapters' shapes, read before any engine exists
 
 
 class DynRankCallback(TrainerCallback):
@@ -39,20 +51,34 @@ class DynRankCallback(TrainerCallback):
         self.trainer, self.setup, self.dynrank, self.resume_from = trainer, setup, None, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        engine = self.trainer.model_wrapped
+        trainer = self.trainer
+        engine = trainer.model_wrapped
         if not hasattr(engine, "zero_optimization_stage"):
-            raise UserInputError("dynrank: DynRankTrainer needs TrainingArguments(deepspeed=...)")
+            raise UserInputError(
+                "dynrank: the trainer runs without DeepSpeed; give TrainingArguments(deepspeed=...) or launch with "
+                "an accelerate config that has a DeepSpeed plugin"
+            )
+        if self.setup.backend.swaps_engine:  # rebuild the engine as accelerate built it: Trainer's optimizer
+            self.setup.backend.rebuild_with(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, trainer.new_optimizer)
         self.dynrank = DynRank(engine, self.setup, total_steps=state.max_steps, output_dir=args.output_dir)
         if self.resume_from is not None:  # DeepSpeed's engine and counters are restored already
-            path = Path(self.resume_from) / STATE_FILE
-            if not path.is_file():
-                raise UserInputError(
-                    f"resume_from_checkpoint: {path.parent} holds no {STATE_FILE} (not written by DynRankTrainer?)"
-                )
-            self.dynrank.load_state_dict(torch.load(path, weights_only=False))
+            self.dynrank.load_state_dict(torch.load(Path(self.resume_from) / STATE_FILE, weights_only=False))
 
     def on_step_end(self, args, state, control, **kwargs):
+        held = self.dynrank.engine
         self.dynrank.after_step()
+        if self.dynrank.engine is not held:
+            follow_engine(self.trainer, held, self.dynrank.engine)
+            self.dynrank.attached.engine = held  # one object for all: the next event rebuilds this one again
+
+
+def follow_engine(trainer: Trainer, held, new) -> None:
+    """After a physical event: the engine object that Trainer (`model_wrapped`, `deepspeed`, the `model` of its
+    running loop), accelerate (`deepspeed_engine_wrapped`, `_models`) and the callbacks hold becomes the new engine,
+    by taking on its state; and accelerate's optimizer wrapper wraps the new optimizer. The loop's local `model`
+    cannot be rebound from outside, so the object itself has to follow."""
+    held.__dict__ = new.__dict__  # one state, two names: what either is asked reads and writes the new engine's
+    trainer.optimizer.optimizer = new.optimizer  # Trainer's LR scheduler writes through this wrapper
 
 
 def trainer_config(raw: dict, weight_decay: float):
@@ -71,59 +97,137 @@ def trainer_config(raw: dict, weight_decay: float):
     return cfg
 
 
-class DynRankTrainer(Trainer):
-    """Trainer whose optimizer has the method's param groups and whose loop drives the controller."""
+def deepspeed_config_of(trainer: Trainer) -> dict:
+    """The DeepSpeed config the trainer runs with: `TrainingArguments(deepspeed=...)`, or accelerate's plugin."""
+    ds = trainer.args.deepspeed
+    if ds:
+        return load_ds_config(ds) if isinstance(ds, str | Path) else dict(ds)
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        raise UserInputError(
+            "dynrank: the trainer runs without DeepSpeed, and the \"dynrank\" section lives in the DeepSpeed "
+            "config: give TrainingArguments(deepspeed='ds_config.json') or launch with `accelerate launch "
+            "--config_file` whose DeepSpeed plugin names it (deepspeed_config_file)"
+        )
+    return dict(plugin.deepspeed_config)
+
+
+class DynRankTrainerMixin:
+    """Everything DynRankTrainer and DynRankSFTTrainer add to their trainer (list it first among the bases)."""
 
     def __init__(self, *args, dynrank_validation: dict | None = None, **kwargs) -> None:
         """`dynrank_validation`: the fixed scoring batch (input_ids, attention_mask, labels) of methods that score
         on one (ALoRA), the same on every rank."""
         super().__init__(*args, **kwargs)
-        ds = self.args.deepspeed
-        raw = load_ds_config(ds) if isinstance(ds, str | Path) else dict(ds or {})
+        raw = deepspeed_config_of(self)
         cfg = trainer_config(raw, self.args.weight_decay)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # the second: the deprecated alias
             if getattr(self.args, name, None):
                 check_supported(self.model, name)  # before training, not at Trainer's first step
                 break
         self.dynrank_setup = prepare(self.model, cfg, ds_config=raw, validation=dynrank_validation)
-        if self.dynrank_setup.backend.swaps_engine:
-            raise UserInputError(
-                f"dynrank.reshape.backend: {cfg.reshape.backend!r} replaces the engine at its "
-                "events, which HF Trainer holds; only 'masked' runs under HF Trainer"
-            )
         self.dynrank_callback = DynRankCallback(self, self.dynrank_setup)
         self.add_callback(self.dynrank_callback)
 
+    def new_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """Trainer's AdamW over the method's param groups (also what a physical event rebuilds the engine with)."""
+        groups = [{"weight_decay": self.args.weight_decay, **group} for group in groups]
+        return torch.optim.AdamW(
+            groups,
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+        )
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups = self.dynrank_setup.optimizer_groups()
-            for group in groups:
-                group.setdefault("weight_decay", self.args.weight_decay)
-            self.optimizer = torch.optim.AdamW(
-                groups,
-                lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-            )
+            self.optimizer = self.new_optimizer(self.dynrank_setup.optimizer_groups())
         return self.optimizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """Trainer's own train(); resuming also restores the controller from the checkpoint's dynrank state."""
+        """Trainer's own train(); resuming also shapes the adapters as saved (before the engine exists) and
+        restores the controller from the checkpoint's dynrank state."""
         path = resume_from_checkpoint
         if path is True:
             path = get_last_checkpoint(self.args.output_dir)
+            if path is None:
+                raise UserInputError(f"resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
+        if path:
+            self._reshape_for(Path(path))
         self.dynrank_callback.resume_from = path or None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(path or None, *args, **kwargs)
+
+    def _reshape_for(self, folder: Path) -> None:
+        for name in (STATE_FILE, ALLOCATION_FILE):
+            if not (folder / name).is_file():
+                raise UserInputError(
+                    f"resume_from_checkpoint: {folder} holds no {name} (not written by a ds_dynrank trainer?)"
+                )
+        saved = json.loads((folder / ALLOCATION_FILE).read_text())
+        setup = self.dynrank_setup
+        mine = [name for name, _ in setup.adapters]
+        if sorted(saved["ranks"]) != sorted(mine):
+            raise UserInputError(f"resume_from_checkpoint: {folder} adapts other modules than this model and config")
+        setup.adapters = setup.backend.resize_for_resume(self.model, setup.adapters, saved["ranks"], saved["active"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Not under DeepSpeed: the module state (without the frozen base) is loaded with the engine's below."""
+        if not self.is_deepspeed_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Trainer's, with DeepSpeed's checkpoint loaded non-strictly: it holds the trainable state alone."""
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        model, loader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        if resume_from_checkpoint is not None:
+            deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+        return model, loader
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """DeepSpeed's state without the frozen base model (tied weights included), then Trainer's scheduler."""
+        engine = self.model_wrapped
+        with trainable_state_only(engine):
+            engine.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        from accelerate.utils import DeepSpeedSchedulerWrapper  # a config's own scheduler: saved by DeepSpeed
+        from transformers.trainer import SCHEDULER_NAME
+
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapters as a stock PEFT adapter directory (live ranks only), as Trainer saves a PEFT model, and the
+        tokenizer; the frozen base stays where it came from. Collective under DeepSpeed."""
+        out = Path(output_dir or self.args.output_dir)
+        if self.dynrank is None:  # before training: nothing of ours to write yet
+            return super().save_model(str(out), _internal_call)
+        staging = temp_sibling(out / "adapter", directory=True)
+        try:
+            self.dynrank.export_adapter(staging)
+            if self.args.should_save:
+                for item in staging.iterdir():
+                    os.replace(item, out / item.name)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(str(out))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, plus the controller's state in the same folder (one copy: every rank holds it)."""
+        """Trainer's checkpoint, plus the controller's state and the adapters' shapes in the same folder."""
         super()._save_checkpoint(model, trial)
         if self.dynrank is not None and self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             tmp = folder / f".{STATE_FILE}.tmp"
             torch.save(self.dynrank.state_dict(), tmp)
             os.replace(tmp, folder / STATE_FILE)
+            write_json(folder / ALLOCATION_FILE, self.dynrank.checkpoint_meta())
 
     @property
     def dynrank(self) -> DynRank | None:
         return self.dynrank_callback.dynrank
+
+
+class DynRankTrainer(DynRankTrainerMixin, Trainer):
+    """HF Trainer whose optimizer has the method's param groups and whose loop drives the controller."""

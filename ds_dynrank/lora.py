@@ -159,7 +159,8 @@ class LoRALinear(nn.Module):
         A, B, weights = self.lora_A, self.lora_B, self.slot_weights()
         if not self.trainable:
             A, B, weights = _zero_grad(A), _zero_grad(B), _zero_grad(weights)
-        h = F.linear(self.dropout(x).to(A.dtype), A) * weights
+        # the mask is a buffer, which DeepSpeed's bf16/fp16 leaves in the dtype it was built in
+        h = F.linear(self.dropout(x).to(A.dtype), A) * weights.to(A.dtype)
         if self.ablation is not None:  # [N, R] -> [N, 1, ..., R] against h [N, ..., R]
             h = h * self.ablation.view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1]).to(h.dtype)
         return out + (F.linear(h, B) * self.scaling).to(out.dtype)

@@ -70,6 +70,12 @@ class PhysicalBackend(Backend):
         if ds_config is None:
             raise ValueError("the physical backend needs ds_config to rebuild the engine")
         self.seed, self.ds_config = seed, ds_config
+        self.make_optimizer = None  # None: the config's optimizer section builds it
+
+    def rebuild_with(self, ds_config: dict, make_optimizer) -> None:
+        """Rebuild engines as a trainer built the first one: from its resolved config, with the client optimizer
+        `make_optimizer(groups)` returns (HF Trainer and TRL build their own and leave the config without one)."""
+        self.ds_config, self.make_optimizer = ds_config, make_optimizer
 
     def default_cap(self, layer: LoRALinear) -> int:
         return 4 * layer.init_rank
@@ -106,7 +112,9 @@ class PhysicalBackend(Backend):
                     if isinstance(p, torch.nn.Parameter):  # buffers already hold their values
                         io.write(p, state)
 
-        attached.engine = reinitialize(model, groups(attached.adapters), self.ds_config, carry, restore)
+        attached.engine = reinitialize(
+            model, groups(attached.adapters), self.ds_config, carry, restore, make_optimizer=self.make_optimizer
+        )
         attached.io = StateIO(attached.engine)
         gc.collect()  # the old engine: DeepSpeed's hooks keep it reachable until the new engine is built
         return SlotMap.compacted(plan)

@@ -76,14 +76,18 @@ def teardown(engine) -> None:
         stack[:] = [m for m in stack if m is not engine.module]
 
 
-def reinitialize(module: nn.Module, groups: list[dict], ds_config: dict, carry: EngineCarry, restore):
+def reinitialize(
+    module: nn.Module, groups: list[dict], ds_config: dict, carry: EngineCarry, restore, *, make_optimizer=None
+):
     """A fresh engine over `module` (same config, TensorBoard left to the carried monitor), with counters, LRs,
-    scheduler and Adam step carried over. `restore(engine)` then writes the adapters' moments back."""
+    scheduler and Adam step carried over. `restore(engine)` then writes the adapters' moments back.
+    `make_optimizer(groups)`: the client optimizer, where the first engine had one (HF Trainer's)."""
     import deepspeed
 
     config = {**ds_config, "tensorboard": {"enabled": False}}
+    given = {"model_parameters": groups} if make_optimizer is None else {"optimizer": make_optimizer(groups)}
     with _broadcasting_trainable_only():
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
+        engine, *_ = deepspeed.initialize(model=module, config=config, **given)
     engine.monitor = carry.monitor
     for key, value in carry.counters.items():
         setattr(engine, key, value)
