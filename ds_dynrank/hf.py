@@ -35,6 +35,7 @@ from ds_dynrank.api import Setup, prepare
 from ds_dynrank.config import check_deepspeed_compat, from_ds_config, load_ds_config
 from ds_dynrank.controller import DynRank
 from ds_dynrank.errors import UserInputError
+from ds_dynrank.lora import adapter_state_tensors, ranks_by_name
 from ds_dynrank.recompute import check_supported
 from ds_dynrank.rundir import temp_sibling, write_json
 from ds_dynrank.zero.checkpoint import trainable_state_only
@@ -59,7 +60,8 @@ class DynRankCallback(TrainerCallback):
                 "an accelerate config that has a DeepSpeed plugin"
             )
         if self.setup.backend.swaps_engine:  # rebuild the engine as accelerate built it: Trainer's optimizer
-            self.setup.backend.rebuild_with(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, trainer.new_optimizer)
+            plugin = trainer.accelerator.state.deepspeed_plugin
+            self.setup.backend.rebuild_with(plugin.deepspeed_config, trainer.new_optimizer)
         self.dynrank = DynRank(engine, self.setup, total_steps=state.max_steps, output_dir=args.output_dir)
         if self.resume_from is not None:  # DeepSpeed's engine and counters are restored already
             self.dynrank.load_state_dict(torch.load(Path(self.resume_from) / STATE_FILE, weights_only=False))
@@ -105,11 +107,42 @@ def deepspeed_config_of(trainer: Trainer) -> dict:
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         raise UserInputError(
-            "dynrank: the trainer runs without DeepSpeed, and the \"dynrank\" section lives in the DeepSpeed "
+            'dynrank: the trainer runs without DeepSpeed, and the "dynrank" section lives in the DeepSpeed '
             "config: give TrainingArguments(deepspeed='ds_config.json') or launch with `accelerate launch "
             "--config_file` whose DeepSpeed plugin names it (deepspeed_config_file)"
         )
     return dict(plugin.deepspeed_config)
+
+
+def validation_batch(trainer: Trainer, cfg) -> dict:
+    """The scoring batch of methods that score on one (ALoRA): the first `validation_samples` rows of the
+    trainer's eval_dataset (a validation split, never the test split), through the trainer's own collator, so every
+    rank scores on the same batch and the allocation never looks at the training rows."""
+    n, data = cfg.validation_samples, trainer.eval_dataset
+    if isinstance(data, dict):
+        data = next(iter(data.values()), None)
+    if data is None or len(data) < n:
+        have = "no eval_dataset" if data is None else f"an eval_dataset of {len(data)} rows"
+        raise UserInputError(
+            f"dynrank.{cfg.spec.validation_field}: method {cfg.method!r} scores ranks on {n} validation rows and the "
+            f"trainer has {have}: give eval_dataset (a validation split) or dynrank_validation=batch"
+        )
+    batch = trainer.data_collator([data[i] for i in range(n)])
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+
+
+def final_state(trainer: Trainer) -> dict:
+    """Collective: this rank's view of the trained adapters, to compare across ranks: the live rank of every
+    module and a SHA-256 of every adapter tensor as this rank holds it (gathered under ZeRO-3)."""
+    import hashlib
+
+    from ds_dynrank.zero import working_copies
+
+    adapters = trainer.dynrank.adapters
+    digest = hashlib.sha256()
+    for tensor in working_copies(adapter_state_tensors(adapters)):
+        digest.update(tensor.numpy().tobytes())
+    return {"ranks": ranks_by_name(adapters), "adapters_sha256": digest.hexdigest()}
 
 
 class DynRankTrainerMixin:
@@ -117,14 +150,16 @@ class DynRankTrainerMixin:
 
     def __init__(self, *args, dynrank_validation: dict | None = None, **kwargs) -> None:
         """`dynrank_validation`: the fixed scoring batch (input_ids, attention_mask, labels) of methods that score
-        on one (ALoRA), the same on every rank."""
+        on one (ALoRA), the same on every rank; by default the first rows of `eval_dataset`."""
         super().__init__(*args, **kwargs)
-        raw = deepspeed_config_of(self)
-        cfg = trainer_config(raw, self.args.weight_decay)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # the second: the deprecated alias
             if getattr(self.args, name, None):
                 check_supported(self.model, name)  # before training, not at Trainer's first step
                 break
+        raw = deepspeed_config_of(self)
+        cfg = trainer_config(raw, self.args.weight_decay)
+        if dynrank_validation is None and cfg.validation_samples:
+            dynrank_validation = validation_batch(self, cfg)
         self.dynrank_setup = prepare(self.model, cfg, ds_config=raw, validation=dynrank_validation)
         self.dynrank_callback = DynRankCallback(self, self.dynrank_setup)
         self.add_callback(self.dynrank_callback)

@@ -5,9 +5,10 @@
     deepspeed --num_gpus 2 launch/train_hf.py ... --save_steps 20 --output_dir runs/hf --resume  # continue the last
 
 Trainer builds the optimizer (with the method's param groups) and the LR schedule; DynRankTrainer's callback
-runs the re-allocation engine at every optimizer step, and its checkpoints carry the allocator's state. Each rank
-writes its final allocation to `<output_dir>/allocation_rank<N>.json`, so agreement across ranks can be checked
-from outside.
+runs the re-allocation engine at every optimizer step, and its checkpoints carry the allocator's state. At the end
+the adapters are saved as a stock PEFT adapter in --output_dir, and each rank writes its final allocation and a
+SHA-256 of its adapters to `<output_dir>/final_rank<N>.json`, so agreement across ranks can be checked from
+outside.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ def main() -> int:
     from transformers import TrainingArguments, set_seed
 
     from ds_dynrank import dist
-    from ds_dynrank.hf import DynRankTrainer
-    from ds_dynrank.lora import ranks_by_name
+    from ds_dynrank.config import from_ds_config, load_ds_config
+    from ds_dynrank.hf import DynRankTrainer, final_state
     from ds_dynrank.rundir import write_json
     from ds_dynrank.task.models import load_model, load_tokenizer
 
     try:
+        dist.init()  # before the model: ZeRO-3's partitioned build needs DeepSpeed's process group
         set_seed(args.seed)
         data = job.build_data(args, load_tokenizer(args.model))
         if args.packing:
@@ -84,12 +86,21 @@ def main() -> int:
         # after TrainingArguments: under a ZeRO-3 config transformers then builds the model partitioned
         dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
         model = load_model(args.model, dtype=dtype)
-        trainer = DynRankTrainer(model=model, args=training, train_dataset=data.train, data_collator=data.collate)
+        # ALoRA's scoring batch: held out of the training rows, as the main job does
+        validation = job.hold_out_validation(data, from_ds_config(load_ds_config(args.deepspeed)), args.seed)
+        trainer = DynRankTrainer(
+            model=model,
+            args=training,
+            train_dataset=data.train,
+            data_collator=data.collate,
+            dynrank_validation=validation,
+        )
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     trainer.train(resume_from_checkpoint=args.resume)
-    write_json(Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", ranks_by_name(trainer.dynrank.adapters))
+    trainer.save_model()  # collective: a stock PEFT adapter (adapter_config.json, adapter_model.safetensors)
+    write_json(Path(args.output_dir) / f"final_rank{dist.rank()}.json", final_state(trainer))  # collective
     return 0
 
 

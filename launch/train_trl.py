@@ -7,7 +7,7 @@
 The data is any of TRL's formats in a JSON-lines file (`messages`, `prompt`/`completion`, `text`); by default the
 main job's school math (`messages`). The DeepSpeed config, with its "dynrank" section, comes from accelerate's
 DeepSpeed plugin or from --deepspeed. At the end the adapters are saved as a stock PEFT adapter in --output_dir,
-and each rank writes its final allocation to `allocation_rank<N>.json`.
+and each rank writes its final allocation and a SHA-256 of its adapters to `final_rank<N>.json`.
 """
 
 from __future__ import annotations
@@ -51,17 +51,20 @@ def main() -> int:
     from trl import SFTConfig
 
     from ds_dynrank import DynRankSFTTrainer, UserInputError, dist
-    from ds_dynrank.lora import ranks_by_name
+    from ds_dynrank.hf import final_state
     from ds_dynrank.rundir import write_json
     from ds_dynrank.task.assets import math_dataset_dir
     from ds_dynrank.task.models import resolve_model
 
     try:
+        dist.init()  # before the model: ZeRO-3's partitioned build needs DeepSpeed's process group
         model, _ = resolve_model(args.model)
         data = Path(args.dataset) if args.dataset else math_dataset_dir() / "train.jsonl"
         if not data.is_file():
             raise UserInputError(f"--dataset: file not found: {data}")
-        dataset = load_dataset("json", data_files=str(data), split="train")
+        # a validation split carved from the training rows: methods that score on a fixed batch (ALoRA) take theirs
+        # from it, and nothing is tuned on a test split
+        splits = load_dataset("json", data_files=str(data), split="train").train_test_split(0.1, seed=args.seed)
         config = SFTConfig(
             output_dir=args.output_dir,
             deepspeed=args.deepspeed,
@@ -79,13 +82,15 @@ def main() -> int:
             seed=args.seed,
             use_cpu=get_accelerator().device_name() == "cpu",
         )
-        trainer = DynRankSFTTrainer(model=model, args=config, train_dataset=dataset)
+        trainer = DynRankSFTTrainer(
+            model=model, args=config, train_dataset=splits["train"], eval_dataset=splits["test"]
+        )
         trainer.train(resume_from_checkpoint=True if args.resume else None)
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     trainer.save_model()  # collective: a stock PEFT adapter (adapter_config.json, adapter_model.safetensors)
-    write_json(Path(args.output_dir) / f"allocation_rank{dist.rank()}.json", ranks_by_name(trainer.dynrank.adapters))
+    write_json(Path(args.output_dir) / f"final_rank{dist.rank()}.json", final_state(trainer))  # collective
     return 0
 
 

@@ -9,6 +9,15 @@ from ds_dynrank.zero.state import (
     full_shape,
     read_full_fp32,
     read_full_fp32_flat,
+    working_copies,
 )
 
-__all__ = ["FullState", "StateIO", "full_numel", "full_shape", "read_full_fp32", "read_full_fp32_flat"]
+__all__ = [
+    "FullState",
+    "StateIO",
+    "full_numel",
+    "full_shape",
+    "read_full_fp32",
+    "read_full_fp32_flat",
+    "working_copies",
+]

@@ -93,6 +93,17 @@ def read_full_fp32_flat(params: list[nn.Parameter], group=None) -> torch.Tensor:
     return read_full_flat(params, None, group)
 
 
+def working_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Collective under ZeRO-3: every tensor's working (module) value as this rank computes with it, whole, on the
+    CPU: gathered from the partitions under ZeRO-3, else this rank's own replica. Ranks compare these to show
+    they train the same model."""
+    import deepspeed
+
+    partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
+        return [t.detach().float().cpu().clone() for t in tensors]
+
+
 @dataclass
 class FullState:
     """One parameter's full fp32 value and Adam moments, on the CPU."""

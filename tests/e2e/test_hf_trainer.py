@@ -1,7 +1,7 @@
-"""The HF Trainer integration, 2 processes under ZeRO-2, on the main job's SFT data (a chat model, `messages`
-rows), with Trainer's activation checkpointing on: DynRankTrainer's callback drives L1RA's events at optimizer
-steps, ranks move with the budget held, every rank ends with the same allocation, and a run resumed from one of
-Trainer's own checkpoints continues the allocation history exactly."""
+"""The HF Trainer integration, 2 processes under ZeRO-2 (and ZeRO-3 physical), on the main job's SFT data (a chat
+model, `messages` rows), with Trainer's activation checkpointing on: DynRankTrainer's callback drives L1RA's events
+at optimizer steps, ranks move with the budget held, every rank ends with the same allocation and bit-identical
+adapters, and a run resumed from one of Trainer's own checkpoints continues the allocation history exactly."""
 
 from __future__ import annotations
 
@@ -71,8 +71,10 @@ def test_trainer_drives_l1ra_and_ranks_agree(trainer_run):
     assert [h["step"] for h in history] == [0, 2, 4, 6, 8, 10]  # optimizer steps, driven by the callback
     assert {h["budget"] for h in history} == {14 * 8}
     assert any(h["ranks"] != history[0]["ranks"] for h in history[1:]), "ranks never moved"
-    per_rank = [json.loads((out / f"allocation_rank{r}.json").read_text()) for r in range(2)]
-    assert per_rank[0] == per_rank[1] == history[-1]["ranks"]
+    per_rank = [json.loads((out / f"final_rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank[0] == per_rank[1]  # the allocation, and every adapter tensor bit for bit
+    assert per_rank[0]["ranks"] == history[-1]["ranks"]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"  # the exported adapter
 
 
 @pytest.mark.e2e
@@ -87,8 +89,29 @@ def test_trainer_resumes_the_allocation_from_its_own_checkpoint(
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     assert _events(resumed) == _events(whole)  # steps, ranks, budget and slots moved: the same history
-    per_rank = [json.loads((resumed / f"allocation_rank{r}.json").read_text()) for r in range(2)]
-    assert per_rank[0] == per_rank[1] == json.loads((whole / "allocation_rank0.json").read_text())
+    per_rank = [json.loads((resumed / f"final_rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank[0] == per_rank[1] == json.loads((whole / "final_rank0.json").read_text())  # bit-identical
+
+
+@pytest.mark.e2e
+def test_trainer_runs_the_physical_backend_under_zero3(tiny_chat_model_dir, tiny_sft_jsonl, tmp_path):
+    """Each event rebuilds the engine: the one Trainer and accelerate hold takes on the new engine's state."""
+    cfg = json.loads((REPO / "ds_configs" / "hf_zero3_l1ra.json").read_text())
+    assert cfg["dynrank"]["reshape"]["backend"] == "physical"
+    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
+    cfg["dynrank"]["schedule"].update(interval=2)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny weights really partitioned
+    path = tmp_path / "hf3.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    cmd = _command(path, tiny_chat_model_dir, tiny_sft_jsonl, out)
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    history = json.loads((out / "allocation_history.json").read_text())
+    assert {h["budget"] for h in history} == {14 * 8}
+    assert any(h["ranks"] != history[0]["ranks"] for h in history[1:]), "ranks never moved"
+    per_rank = [json.loads((out / f"final_rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank[0] == per_rank[1] and per_rank[0]["ranks"] == history[-1]["ranks"]
 
 
 @pytest.mark.e2e
