@@ -53,7 +53,7 @@ def gradient_importance(grad: torch.Tensor, weight: torch.Tensor | None, kind: s
     """GoRA's module importance from the summed gradient G of a frozen weight W (arXiv 2502.12171): `sensitivity`
     = mean |W * G| (the paper's), `grad_norm` = ||G||_F (no W)."""
     if kind == "sensitivity":
-        return float((weight.float() * grad.float()).abs().mean())
+        return float((weight.detach().float() * grad.detach().float()).abs().mean())
     if kind == "grad_norm":
-        return float(grad.float().norm())
+        return float(grad.detach().float().norm())
     raise ValueError(f"unknown importance {kind!r} (known: sensitivity, grad_norm)")

@@ -100,6 +100,17 @@ def test_hooks_sum_autograds_weight_gradient_over_micro_batches(checkpointing):
     assert method._grads is None and not method._handles
 
 
+def test_grad_norm_importance_needs_no_weight():
+    section = {**SECTION, "gora": {"warmup_steps": 1, "importance": "grad_norm"}}
+    model, setup, ctx = _setup(section=section)
+    method, adapters = setup.method, setup.adapters
+    expected = _reference_grads(model, adapters, [31, 32])
+    _micro_batches(model, [31, 32])
+    method.after_boundary(ctx, adapters, applied=True)
+    norms = torch.stack([g.norm() for g in expected])
+    assert torch.allclose(method.scores(ctx, adapters), norms / norms.sum(), rtol=1e-4)
+
+
 def _event(adapters, cost_M, unit="params") -> Event:
     live = [layer.live_slots() for _, layer in adapters]
     capacity = [layer.capacity for _, layer in adapters]
