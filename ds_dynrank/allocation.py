@@ -191,3 +191,46 @@ def top_budget_plan(scores: list[torch.Tensor], live: list[list[int]], *, budget
     excess = max(0, sum(len(s) for s in live) - budget)
     keep = _prune_lowest(scores, live, excess, floor)
     return Plan(keep=tuple(tuple(k) for k in keep), grow=tuple(0 for _ in live))
+
+
+def proportional_ranks(
+    importance_M: torch.Tensor, *, budget: int, floor: int, cap_M: list[int], cost_M: list[int]
+) -> list[int]:
+    """GoRA's allocation (arXiv 2502.12171): each module's share of the budget follows its normalised importance,
+    r_m ~ budget * I_m / sum(I) / cost_m, clamped to [floor, cap_m]. Unlike the paper's plain round-and-clamp, the
+    budget is held: the scale is solved (bisection) so the clamped shares fill it, then ranks are floored and the
+    rest handed out one rank at a time, largest shortfall first, while a rank still fits. The total never exceeds
+    `budget`, and misses it by less than one rank of some module with room. Needs floor x sum(cost) <= budget."""
+    share = importance_M.double().clamp_min(0)
+    share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1 / len(share))
+    cost = torch.tensor(cost_M, dtype=torch.float64)
+    lo_M, hi_M = torch.full_like(cost, float(floor)), torch.tensor(cap_M, dtype=torch.float64)
+
+    def ideal(scale: float) -> torch.Tensor:
+        return torch.minimum(torch.maximum(scale * share / cost, lo_M), hi_M)
+
+    lo, hi = 0.0, float(budget)  # at scale = budget no module is below its share, unless capped
+    for _ in range(64):  # capped modules leave their share to the others: raise the scale until it fills
+        if float((ideal(hi) * cost).sum()) >= budget:
+            break
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((ideal(mid) * cost).sum()) < budget else (lo, mid)
+    x_M = ideal(hi).tolist()
+    ranks = [max(floor, min(cap, int(x + 1e-9))) for x, cap in zip(x_M, cap_M)]
+    left = budget - sum(r * c for r, c in zip(ranks, cost_M))
+    while True:
+        fits = [m for m in range(len(ranks)) if ranks[m] < cap_M[m] and cost_M[m] <= left]
+        if not fits:
+            return ranks
+        m = max(fits, key=lambda m: (x_M[m] - ranks[m], -m))
+        ranks[m] += 1
+        left -= cost_M[m]
+
+
+def plan_for_ranks(ranks_M: list[int], live: list[list[int]]) -> Plan:
+    """The plan that takes every module to `ranks_M[m]`: a shrinking module keeps its first live slots, a growing
+    one keeps them all and gains fresh ones."""
+    keep = tuple(tuple(slots[: min(r, len(slots))]) for r, slots in zip(ranks_M, live))
+    return Plan(keep=keep, grow=tuple(max(0, r - len(slots)) for r, slots in zip(ranks_M, live)))

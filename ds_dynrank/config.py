@@ -50,7 +50,8 @@ class ScheduleConfig(Section):
 class BudgetConfig(Section):
     unit: Literal["rank", "params"] = "rank"
     """What the budget counts: total rank over all modules (L1RA's sum of r), or total adapter parameters (a rank
-    of a module costs in_features + out_features, so a wide MLP projection costs more than k_proj)."""
+    of a module costs in_features + out_features, so a wide MLP projection costs more than k_proj). Default:
+    `rank`, or `params` for `gora` (its paper's budget)."""
 
     floor: int = Field(1, ge=0)
     """Smallest rank any module keeps."""
@@ -110,8 +111,8 @@ class CoreConfig(Section):
 
     capacity: int | None = Field(None, ge=1)
     """Slots allocated per module under the masked backend (the most rank a module can hold). Default: 2 x the
-    module's initial rank for methods that grow ranks (`l1ra`, `alora`), the initial rank otherwise. Slots beyond
-    the initial rank start masked off."""
+    module's initial rank for methods that grow ranks (`l1ra`, `alora`, `gora`), the initial rank otherwise. Slots
+    beyond the initial rank start masked off."""
 
     on_missed_event: Literal["error", "warn"] = "error"
     """What happens when a dynamic method's first event is due but `DynRank.after_step()` was never called (a loop
@@ -158,6 +159,19 @@ class CoreConfig(Section):
         if self.capacity is not None:
             return max(self.capacity, rank)
         return 2 * rank if self.grows and self.reshape.backend == "masked" else rank
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """A method's own default of `budget.unit` (gora: params), where the section leaves it unset."""
+        if not isinstance(data, dict):
+            return data
+        spec = registry.SPECS.get(data.get("method", registry.DEFAULT))
+        unit = getattr(spec, "budget_unit", "rank")
+        budget = data.get("budget")
+        if unit != "rank" and (budget is None or isinstance(budget, dict) and "unit" not in budget):
+            data = {**data, "budget": {**(budget or {}), "unit": unit}}
+        return data
 
     @field_validator("target_modules")
     @classmethod

@@ -51,7 +51,8 @@ class EngineContext:
         return dist.all_reduce_sum(t.to(self.device)).cpu()
 
     def full_fp32(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Collective: the full fp32 values (masters under ZeRO 1-3) of `tensors`, flattened back to back, CPU."""
+        """Collective: the full fp32 values (masters under ZeRO 1-3; a frozen weight's own values, gathered from its
+        partitions under ZeRO-3) of `tensors`, flattened back to back, CPU."""
         return read_full_fp32_flat(tensors)
 
     def full_shape(self, p: torch.Tensor) -> torch.Size:
@@ -71,6 +72,10 @@ class EngineContext:
         mean over ranks, unscaled by an fp16 loss scale), on the CPU."""
         engine = self._attached.engine
         return (dist.all_reduce_sum(local.to(self.device)) / dist.world_size() / loss_scale(engine)).cpu()
+
+    def loss_scale(self) -> float:
+        """The factor the fp16 loss scaler multiplies the loss (and every gradient in backward) by now; 1 otherwise."""
+        return loss_scale(self._attached.engine)
 
     def forward(self, inputs: dict) -> torch.Tensor:
         """Logits of an evaluation forward on `inputs` (a collective under ZeRO-3: every rank must run it)."""
@@ -111,6 +116,9 @@ class LocalContext:
 
     def reduced_grads(self, local: torch.Tensor) -> torch.Tensor:
         return local.detach().clone().cpu()
+
+    def loss_scale(self) -> float:
+        return 1.0
 
     def forward(self, inputs: dict) -> torch.Tensor:
         return _forward(self.model, self.model, inputs, self.device)

@@ -47,3 +47,13 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     ).view(shift_labels.shape)
     counted = (shift_labels != ignore_index).sum(dim=1).clamp_min(1)
     return token.sum(dim=1) / counted
+
+
+def gradient_importance(grad: torch.Tensor, weight: torch.Tensor | None, kind: str) -> float:
+    """GoRA's module importance from the summed gradient G of a frozen weight W (arXiv 2502.12171): `sensitivity`
+    = mean |W * G| (the paper's), `grad_norm` = ||G||_F (no W)."""
+    if kind == "sensitivity":
+        return float((weight.detach().float() * grad.detach().float()).abs().mean())
+    if kind == "grad_norm":
+        return float(grad.detach().float().norm())
+    raise ValueError(f"unknown importance {kind!r} (known: sensitivity, grad_norm)")

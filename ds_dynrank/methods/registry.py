@@ -16,6 +16,7 @@ METHOD_CONFIGS = (  # the first is the default method: fixed-rank LoRA
     "ds_dynrank.methods.alora.config",
     "ds_dynrank.methods.modalloc.config",
     "ds_dynrank.methods.adalora.config",
+    "ds_dynrank.methods.gora.config",
 )
 
 SPECS: dict[str, MethodSpec] = {}

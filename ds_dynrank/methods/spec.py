@@ -25,6 +25,7 @@ class MethodSpec:
     gate: bool = False  # the default of `dynrank.gate`
     grows: bool = False  # can a module's rank rise above its initial rank (the masked backend keeps spare slots)
     validation_field: str = ""  # the field of its section that sizes its scoring batch (see validation_samples)
+    budget_unit: str = "rank"  # the default of `dynrank.budget.unit`
 
     def check(self, cfg: Any) -> None:
         """Rules across the whole section that this method adds, raised as ValueError naming the field."""

@@ -52,6 +52,8 @@ def _local_piece(p: nn.Parameter, key: str | None) -> torch.Tensor | None:
     """This rank's own piece of p's fp32 master (key None) or Adam moment: a ZeRO-3 partition, a ZeRO-1/2
     fragment, or None where this rank holds nothing of p."""
     if hasattr(p, "ds_id"):
+        if not p.requires_grad and key is None:  # a frozen weight has no master: its partition is its value
+            return p.ds_tensor.detach().float().flatten().to(p.device)
         piece = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
         return piece.detach().float().flatten()
     mapping = p._hp_mapping
