@@ -167,6 +167,7 @@ def _method_config(directory, name: str, backend: str, **section) -> str:
 METHODS = {
     "alora": ("zero2_alora.json", "physical", {"schedule": {"start": 4, "interval": 4}}),
     "modalloc": ("zero3_modalloc.json", "masked", {"schedule": {"interval": 4}}),
+    "gora": ("zero2_gora.json", "physical", {"budget": {"cap": None}, "gora": {"warmup_steps": 4}}),
 }
 
 
