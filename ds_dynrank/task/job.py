@@ -261,6 +261,28 @@ def _build_sft(args: argparse.Namespace, tokenizer) -> JobData:
     return JobData("sft", data.train, collate_examples, run, headline, len(data.eval), packed if args.packing else None)
 
 
+def trainer_arguments(args: argparse.Namespace) -> dict:
+    """The TrainingArguments / SFTConfig settings the trainer examples (train_hf.py, train_trl.py) share: their
+    flags, a linear schedule with 10% warm-up, TensorBoard, and the CPU said where DeepSpeed's accelerator is one."""
+    from deepspeed.accelerator import get_accelerator
+
+    return dict(
+        output_dir=args.output_dir,
+        deepspeed=args.deepspeed,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, args.max_steps // 10),
+        logging_steps=5,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        report_to=["tensorboard"],
+        seed=args.seed,
+        use_cpu=get_accelerator().device_name() == "cpu",
+    )
+
+
 def hold_out_validation(job: JobData, cfg, seed: int) -> dict | None:
     """The method's fixed scoring batch (ALoRA's): its `validation_samples` training examples drawn with the run's
     seed (the same on every rank) and removed from training, so the allocation never looks at the evaluation split.
