@@ -16,7 +16,7 @@ CFG = from_ds_config({"dynrank": {"method": "adalora", "r": 4, "reshape": {"back
 
 def _controller(ranks: dict[str, int] | None = None) -> DynRank:
     model = tiny_llama()
-    setup = prepare(model, CFG)
+    setup = prepare(model, CFG, ds_config={"train_micro_batch_size_per_gpu": 1})
     if ranks is not None:  # what the physical backend does before the engine exists on resume
         setup.adapters = setup.backend.resize_for_resume(model, setup.adapters, ranks, {})
     return DynRank(SteppingEngine(model), setup, total_steps=20)
