@@ -177,7 +177,6 @@ def train(args) -> dict:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from peft import get_peft_model
-    from tqdm import tqdm
     from transformers import set_seed
 
     from ds_dynrank import dist
@@ -219,52 +218,22 @@ def train(args) -> dict:
     )
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    items, collate = data.training_items()
-    sampler, loader = job.train_loader(items, collate, args, engine.train_micro_batch_size_per_gpu())
-    run_eval = job.evaluator(data)
-
-    baseline = run_eval(engine)
-    history = [{"step": 0, **baseline}]
-    start, epoch = time.time(), 0
-    bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc="train (PEFT EVA)", dynamic_ncols=True)
-    while engine.global_steps < args.max_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            job.batch_tokens(batch)
-            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-            engine.backward(loss)
-            engine.step()
-            if engine.is_gradient_accumulation_boundary() or engine.global_steps >= args.max_steps:
-                bar.update(engine.global_steps - bar.n)
-            step = engine.global_steps
-            if args.eval_interval and step % args.eval_interval == 0 and 0 < step < args.max_steps and bar.n == step:
-                history.append({"step": step, **run_eval(engine)})
-            if step >= args.max_steps:
-                break
-        epoch += 1
-    bar.close()
-    final = run_eval(engine)
-    history.append({"step": engine.global_steps, **final})
-    metrics = {
-        "task": data.task,
-        "metric": data.headline,
-        "value": final[data.headline],
-        "baseline_value": baseline[data.headline],
-        **final,
-        "baseline": baseline,
-        "eval_examples": data.eval_examples,
-        "steps": engine.global_steps,
-        "samples": engine.global_samples,
-        "wall_seconds": round(time.time() - start, 2),
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "trainable_parameters_uniform": uniform,  # r on every module, before EVA moved rank
-        "world_size": dist.world_size(),
-        "zero_stage": stage,
-        "method": "peft-eva",
-        "initial_budget": lora_cfg.r * len(ranks),
-        "final_budget": sum(ranks.values()),
-        "budget_unit": "rank",
-        "eva": {
+    baseline, final, history, seconds = job.train_peer(engine, data, args, desc="train (PEFT EVA)")
+    metrics = job.peer_metrics(
+        data,
+        engine,
+        baseline,
+        final,
+        history,
+        seconds,
+        trainable_parameters=sum(p.numel() for p in trainable),
+        trainable_parameters_uniform=uniform,  # r on every module, before EVA moved rank
+        zero_stage=stage,
+        method="peft-eva",
+        initial_budget=lora_cfg.r * len(ranks),
+        final_budget=sum(ranks.values()),
+        budget_unit="rank",
+        eva={
             "rho": lora_cfg.eva_config.rho,
             "tau": lora_cfg.eva_config.tau,
             "use_label_mask": lora_cfg.eva_config.use_label_mask,
@@ -273,8 +242,7 @@ def train(args) -> dict:
             "seconds": round(init_seconds, 2),
             "modules_without_adapter": sorted(name for name, r in ranks.items() if r == 0),
         },
-        "eval_history": history,
-    }
+    )
     if dist.is_main():
         run.write_metrics(metrics)
         run.write_ranks(ranks)
