@@ -234,3 +234,54 @@ def plan_for_ranks(ranks_M: list[int], live: list[list[int]]) -> Plan:
     one keeps them all and gains fresh ones."""
     keep = tuple(tuple(slots[: min(r, len(slots))]) for r, slots in zip(ranks_M, live))
     return Plan(keep=keep, grow=tuple(max(0, r - len(slots)) for r, slots in zip(ranks_M, live)))
+
+
+def random_plan(
+    live: list[list[int]],
+    *,
+    moves: int,
+    generator: torch.Generator,
+    floor: int,
+    cap_M: list[int],
+    cost_M: list[int],
+    unit: str = "rank",
+) -> Plan:
+    """The random control arm: the move sizes of a dynamic method, the decisions drawn at random (`generator`).
+
+    Prune up to `moves` live slots one draw at a time, each uniform over the live slots of the modules above
+    `floor` (only those whose pruning leaves the untouched modules room enough to take back every slot pruned so
+    far), then grow slots one draw at a time, each uniform over the modules that lost nothing in this event, have
+    room under `cap_M` and whose rank fits in what the pruning freed and growth has not spent, until nothing fits.
+    A rank budget is held exactly: as many slots born as pruned. With `unit="params"` a rank of module m costs
+    `cost_M[m]`: the freed parameters buy as many ranks as they cover (L1RA's cost-aware rule), so the budget never
+    rises, and what is left unspent buys no rank of any untouched module with room. Fewer moves only where no more
+    are possible."""
+    ranks = [len(slots) for slots in live]
+    keep = [list(slots) for slots in live]
+    room = [max(0, cap - r) for cap, r in zip(cap_M, ranks)]
+    pruned = [0] * len(live)
+
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=generator).item())
+
+    for n in range(moves):  # n slots pruned so far; the untouched modules must be able to take back n + 1
+        free = sum(r for r, p in zip(room, pruned) if not p)
+        candidates = [
+            (m, i) for m, k in enumerate(keep) if len(k) > floor and free - (0 if pruned[m] else room[m]) > n for i in k
+        ]
+        if not candidates:
+            break
+        m, i = candidates[draw(len(candidates))]
+        keep[m].remove(i)
+        pruned[m] += 1
+    price = [1 if unit == "rank" else c for c in cost_M]
+    left = sum(p * c for p, c in zip(pruned, price))
+    grow = [0] * len(live)
+    while True:
+        takers = [m for m in range(len(live)) if not pruned[m] and grow[m] < room[m] and price[m] <= left]
+        if not takers:
+            break
+        m = takers[draw(len(takers))]
+        grow[m] += 1
+        left -= price[m]
+    return Plan(keep=tuple(tuple(k) for k in keep), grow=tuple(grow))

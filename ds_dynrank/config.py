@@ -111,8 +111,8 @@ class CoreConfig(Section):
 
     capacity: int | None = Field(None, ge=1)
     """Slots allocated per module under the masked backend (the most rank a module can hold). Default: 2 x the
-    module's initial rank for methods that grow ranks (`l1ra`, `alora`, `gora`), the initial rank otherwise. Slots
-    beyond the initial rank start masked off."""
+    module's initial rank for methods that grow ranks (`l1ra`, `alora`, `gora`, `random`), the initial rank
+    otherwise. Slots beyond the initial rank start masked off."""
 
     on_missed_event: Literal["error", "warn"] = "error"
     """What happens when a dynamic method's first event is due but `DynRank.after_step()` was never called (a loop

@@ -236,6 +236,7 @@ class DynRank:
             "applied_steps": self.applied_steps,
             "history": self.history,
             "budget": self.budget,
+            "initial_budget": self.initial_budget,  # a physical resume builds the model at the pruned shapes
             "active": self.active(),
             "method_state": self.method.state_dict(),
         }
@@ -245,6 +246,10 @@ class DynRank:
         if state.get("method") != self.cfg.method:
             raise ValueError(f"checkpoint method {state.get('method')!r} != config method {self.cfg.method!r}")
         self.applied_steps, self.history, self.budget = state["applied_steps"], state["history"], state["budget"]
+        # the budget the run started with (AdaLoRA's cubic schedule, GoRA's allocation): older checkpoints have it
+        # as the first history entry
+        first = self.history[0]["budget"] if self.history else self.initial_budget
+        self.initial_budget = state.get("initial_budget", first)
         self._seen_global_steps = self.engine.global_steps
         for (_, layer), on in zip(self.adapters, state.get("active") or self.active()):
             layer.set_trainable(on)  # the physical backend built the model with this activity already

@@ -51,7 +51,6 @@ def main() -> int:
         return 2
 
     import torch
-    from deepspeed.accelerator import get_accelerator
     from transformers import TrainingArguments, set_seed
 
     from ds_dynrank import dist
@@ -67,20 +66,8 @@ def main() -> int:
         if args.packing:
             raise UserInputError("--packing: the main job packs (launch/train.py); this example trains unpacked")
         training = TrainingArguments(
-            output_dir=args.output_dir,
-            deepspeed=args.deepspeed,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            learning_rate=args.learning_rate,
-            lr_scheduler_type="linear",
-            warmup_steps=max(1, args.max_steps // 10),
-            logging_steps=5,
-            save_strategy="steps" if args.save_steps else "no",
-            save_steps=args.save_steps or 500,
-            report_to=["tensorboard"],
-            seed=args.seed,
             remove_unused_columns=False,
-            use_cpu=get_accelerator().device_name() == "cpu",
+            **job.trainer_arguments(args),
             **checkpointing_args(args.gradient_checkpointing),
         )
         # after TrainingArguments: under a ZeRO-3 config transformers then builds the model partitioned

@@ -14,7 +14,6 @@ final mask keeps).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +55,6 @@ def train(args) -> dict:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from peft import get_peft_model
-    from tqdm import tqdm
     from transformers import set_seed
 
     from ds_dynrank import dist
@@ -85,55 +83,24 @@ def train(args) -> dict:
     ds_config = resolve(raw, max_steps=args.max_steps, output_dir=run.path, bf16_supported=bf16_available(accel))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    items, collate = data.training_items()
-    sampler, loader = job.train_loader(items, collate, args, engine.train_micro_batch_size_per_gpu())
-    run_eval = job.evaluator(data)
-
-    baseline = run_eval(engine)
-    history = [{"step": 0, **baseline}]
-    start, epoch = time.time(), 0
-    bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc="train (PEFT AdaLoRA)", dynamic_ncols=True)
-    while engine.global_steps < args.max_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            job.batch_tokens(batch)  # (packed rows carry their count; the model takes no such input)
-            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss  # includes PEFT's orth. reg.
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():  # reduced grads, before the step: PEFT's placement
-                model.base_model.update_and_allocate(engine.global_steps + 1)
-            engine.step()
-            if engine.is_gradient_accumulation_boundary() or engine.global_steps >= args.max_steps:
-                bar.update(engine.global_steps - bar.n)
-            step = engine.global_steps
-            if args.eval_interval and step % args.eval_interval == 0 and 0 < step < args.max_steps and bar.n == step:
-                history.append({"step": step, **run_eval(engine)})
-            if step >= args.max_steps:
-                break
-        epoch += 1
-    bar.close()
-    final = run_eval(engine)
-    history.append({"step": engine.global_steps, **final})
+    baseline, final, history, seconds = job.train_peer(  # update_and_allocate: reduced grads, before the step
+        engine, data, args, desc="train (PEFT AdaLoRA)", before_step=model.base_model.update_and_allocate
+    )
     pattern = peft_cfg.rank_pattern or {}
     ranks = {module_name(name): int(sum(mask)) for name, mask in pattern.items()}
-    metrics = {
-        "task": data.task,
-        "metric": data.headline,
-        "value": final[data.headline],
-        "baseline_value": baseline[data.headline],
-        **final,
-        "baseline": baseline,
-        "eval_examples": data.eval_examples,
-        "steps": engine.global_steps,
-        "samples": engine.global_samples,
-        "wall_seconds": round(time.time() - start, 2),
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "world_size": dist.world_size(),
-        "zero_stage": 0,
-        "method": "peft-adalora",
-        "final_budget": sum(ranks.values()),
-        "budget_unit": "rank",
-        "eval_history": history,
-    }
+    metrics = job.peer_metrics(
+        data,
+        engine,
+        baseline,
+        final,
+        history,
+        seconds,
+        trainable_parameters=sum(p.numel() for p in trainable),
+        zero_stage=0,
+        method="peft-adalora",
+        final_budget=sum(ranks.values()),
+        budget_unit="rank",
+    )
     if dist.is_main():
         run.write_metrics(metrics)
         run.write_ranks(ranks)

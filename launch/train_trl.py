@@ -47,13 +47,13 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     from datasets import load_dataset
-    from deepspeed.accelerator import get_accelerator
     from trl import SFTConfig
 
     from ds_dynrank import DynRankSFTTrainer, UserInputError, dist
     from ds_dynrank.hf import final_state
     from ds_dynrank.rundir import write_json
     from ds_dynrank.task.assets import math_dataset_dir
+    from ds_dynrank.task.job import trainer_arguments
     from ds_dynrank.task.models import resolve_model
 
     try:
@@ -66,21 +66,7 @@ def main() -> int:
         # from it, and nothing is tuned on a test split
         splits = load_dataset("json", data_files=str(data), split="train").train_test_split(0.1, seed=args.seed)
         config = SFTConfig(
-            output_dir=args.output_dir,
-            deepspeed=args.deepspeed,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            learning_rate=args.learning_rate,
-            max_length=args.max_length,
-            lr_scheduler_type="linear",
-            warmup_steps=max(1, args.max_steps // 10),
-            logging_steps=5,
-            save_strategy="steps" if args.save_steps else "no",
-            save_steps=args.save_steps or 500,
-            report_to=["tensorboard"],
-            gradient_checkpointing=args.gradient_checkpointing,
-            seed=args.seed,
-            use_cpu=get_accelerator().device_name() == "cpu",
+            max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing, **trainer_arguments(args)
         )
         trainer = DynRankSFTTrainer(
             model=model, args=config, train_dataset=splits["train"], eval_dataset=splits["test"]

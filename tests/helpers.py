@@ -273,12 +273,16 @@ def error_lines(text: str) -> list[str]:
 L1RA_STEPS = 12
 
 
-def l1ra_config(directory: Path, name: str) -> str:
-    """`name` (zero2_l1ra.json: masked, zero3_l1ra.json: physical) with events every 2 steps that move ranks."""
+def l1ra_config(directory: Path, name: str, *, dropout: float = 0.1, partitioned: bool = False) -> str:
+    """`name` (zero2_l1ra.json: masked, zero3_l1ra.json: physical; the trainers' hf_zero{2,3}_l1ra.json) with
+    events every 2 steps that move ranks. `dropout` on: exact continuation then needs each rank's RNG state back;
+    `partitioned`: under ZeRO-3 the tiny model's weights really partitioned (no persistence threshold)."""
     cfg = json.loads((REPO / "ds_configs" / name).read_text())
     cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
     cfg["dynrank"]["schedule"].update(interval=2)
-    cfg["dynrank"]["lora_dropout"] = 0.1  # exact continuation then needs each rank's RNG state back
+    cfg["dynrank"]["lora_dropout"] = dropout
+    if partitioned:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = directory / f"l1ra-{name}"
     path.write_text(json.dumps(cfg))
     return str(path)

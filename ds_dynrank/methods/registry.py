@@ -17,6 +17,7 @@ METHOD_CONFIGS = (  # the first is the default method: fixed-rank LoRA
     "ds_dynrank.methods.modalloc.config",
     "ds_dynrank.methods.adalora.config",
     "ds_dynrank.methods.gora.config",
+    "ds_dynrank.methods.random.config",
 )
 
 SPECS: dict[str, MethodSpec] = {}

@@ -261,6 +261,91 @@ def _build_sft(args: argparse.Namespace, tokenizer) -> JobData:
     return JobData("sft", data.train, collate_examples, run, headline, len(data.eval), packed if args.packing else None)
 
 
+def trainer_arguments(args: argparse.Namespace) -> dict:
+    """The TrainingArguments / SFTConfig settings the trainer examples (train_hf.py, train_trl.py) share: their
+    flags, a linear schedule with 10% warm-up, TensorBoard, and the CPU said where DeepSpeed's accelerator is one."""
+    from deepspeed.accelerator import get_accelerator
+
+    return dict(
+        output_dir=args.output_dir,
+        deepspeed=args.deepspeed,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, args.max_steps // 10),
+        logging_steps=5,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        report_to=["tensorboard"],
+        seed=args.seed,
+        use_cpu=get_accelerator().device_name() == "cpu",
+    )
+
+
+def train_peer(engine, data: JobData, args: argparse.Namespace, *, desc: str, before_step=None):
+    """The outside peers' loop (launch/train_peft_*.py): the main job's data, evaluation and eval schedule around a
+    plain DeepSpeed loop. `before_step(step)` runs at each accumulation boundary between backward (the gradients
+    reduced) and the step, PEFT AdaLoRA's placement of update_and_allocate. Returns (baseline, final, eval
+    history, training seconds)."""
+    import time
+
+    from tqdm import tqdm
+
+    from ds_dynrank import dist
+
+    items, collate = data.training_items()
+    sampler, loader = train_loader(items, collate, args, engine.train_micro_batch_size_per_gpu())
+    run_eval = evaluator(data)
+    baseline = run_eval(engine)
+    history = [{"step": 0, **baseline}]
+    start, epoch = time.time(), 0
+    bar = tqdm(total=args.max_steps, disable=not dist.is_main(), desc=desc, dynamic_ncols=True)
+    while engine.global_steps < args.max_steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            batch_tokens(batch)  # (packed rows carry their count; the model takes no such input)
+            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+            engine.backward(loss)
+            if before_step is not None and engine.is_gradient_accumulation_boundary():
+                before_step(engine.global_steps + 1)
+            engine.step()
+            if engine.is_gradient_accumulation_boundary() or engine.global_steps >= args.max_steps:
+                bar.update(engine.global_steps - bar.n)
+            step = engine.global_steps
+            if args.eval_interval and step % args.eval_interval == 0 and 0 < step < args.max_steps and bar.n == step:
+                history.append({"step": step, **run_eval(engine)})
+            if step >= args.max_steps:
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.time() - start
+    final = run_eval(engine)
+    history.append({"step": engine.global_steps, **final})
+    return baseline, final, history, seconds
+
+
+def peer_metrics(data: JobData, engine, baseline: dict, final: dict, history: list, seconds: float, **extra) -> dict:
+    """The peers' metrics.json: the main job's fields, then the peer's own (`extra`)."""
+    from ds_dynrank import dist
+
+    return {
+        "task": data.task,
+        "metric": data.headline,
+        "value": final[data.headline],
+        "baseline_value": baseline[data.headline],
+        **final,
+        "baseline": baseline,
+        "eval_examples": data.eval_examples,
+        "steps": engine.global_steps,
+        "samples": engine.global_samples,
+        "wall_seconds": round(seconds, 2),
+        "world_size": dist.world_size(),
+        **extra,
+        "eval_history": history,
+    }
+
+
 def hold_out_validation(job: JobData, cfg, seed: int) -> dict | None:
     """The method's fixed scoring batch (ALoRA's): its `validation_samples` training examples drawn with the run's
     seed (the same on every rank) and removed from training, so the allocation never looks at the evaluation split.

@@ -1,16 +1,18 @@
-"""The HF Trainer integration, 2 processes under ZeRO-2 (and ZeRO-3 physical), on the main job's SFT data (a chat
+"""The HF Trainer integration, 2 processes under ZeRO-3 with the physical backend, on the main job's SFT data (a chat
 model, `messages` rows), with Trainer's activation checkpointing on: DynRankTrainer's callback drives L1RA's events
-at optimizer steps, ranks move with the budget held, every rank ends with the same allocation and bit-identical
-adapters, and a run resumed from one of Trainer's own checkpoints continues the allocation history exactly."""
+at optimizer steps, each rebuilding the engine Trainer holds; ranks move with the budget held, every rank ends with
+the same allocation and bit-identical adapters, and a run resumed from one of Trainer's own checkpoints continues
+the allocation history exactly. (ZeRO-2 under the same mixin: tests/e2e/test_trl_trainer.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO, subprocess_env, two_processes
+from helpers import REPO, l1ra_config, subprocess_env, two_processes
 
 STEPS, SAVE_EVERY = 12, 4
 
@@ -40,12 +42,10 @@ def _command(cfg, model, data, out, *extra: str) -> list[str]:
 def trainer_run(tmp_path_factory, tiny_chat_model_dir, tiny_sft_jsonl):
     """The uninterrupted Trainer run (checkpoints every 4 steps) the tests below read: (config, output dir)."""
     directory = tmp_path_factory.mktemp("hf")
-    cfg = json.loads((REPO / "ds_configs" / "hf_zero2_l1ra.json").read_text())
+    path = l1ra_config(directory, "hf_zero3_l1ra.json", dropout=0.0, partitioned=True)
+    cfg = json.loads(Path(path).read_text())
     assert "optimizer" not in cfg  # Trainer builds it, with L1RA's gate group
-    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
-    cfg["dynrank"]["schedule"].update(interval=2)
-    path = directory / "hf.json"
-    path.write_text(json.dumps(cfg))
+    assert cfg["dynrank"]["reshape"]["backend"] == "physical"  # each event rebuilds the engine Trainer holds
     out = directory / "whole"
     result = subprocess.run(
         _command(path, tiny_chat_model_dir, tiny_sft_jsonl, out),
@@ -91,45 +91,3 @@ def test_trainer_resumes_the_allocation_from_its_own_checkpoint(
     assert _events(resumed) == _events(whole)  # steps, ranks, budget and slots moved: the same history
     per_rank = [json.loads((resumed / f"final_rank{r}.json").read_text()) for r in range(2)]
     assert per_rank[0] == per_rank[1] == json.loads((whole / "final_rank0.json").read_text())  # bit-identical
-
-
-@pytest.mark.e2e
-def test_trainer_runs_the_physical_backend_under_zero3(tiny_chat_model_dir, tiny_sft_jsonl, tmp_path):
-    """Each event rebuilds the engine: the one Trainer and accelerate hold takes on the new engine's state."""
-    cfg = json.loads((REPO / "ds_configs" / "hf_zero3_l1ra.json").read_text())
-    assert cfg["dynrank"]["reshape"]["backend"] == "physical"
-    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
-    cfg["dynrank"]["schedule"].update(interval=2)
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny weights really partitioned
-    path = tmp_path / "hf3.json"
-    path.write_text(json.dumps(cfg))
-    out = tmp_path / "out"
-    cmd = _command(path, tiny_chat_model_dir, tiny_sft_jsonl, out)
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-5000:]
-    history = json.loads((out / "allocation_history.json").read_text())
-    assert {h["budget"] for h in history} == {14 * 8}
-    assert any(h["ranks"] != history[0]["ranks"] for h in history[1:]), "ranks never moved"
-    per_rank = [json.loads((out / f"final_rank{r}.json").read_text()) for r in range(2)]
-    assert per_rank[0] == per_rank[1] and per_rank[0]["ranks"] == history[-1]["ranks"]
-
-
-@pytest.mark.e2e
-def test_trainer_config_with_an_optimizer_is_refused(tiny_model_dir, tiny_csv, tmp_path):
-    cmd = [
-        PYTHON,
-        str(REPO / "launch" / "train_hf.py"),
-        "--deepspeed",
-        str(REPO / "ds_configs" / "zero2_l1ra.json"),
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_csv),
-        "--task",
-        "classification",
-        "--output_dir",
-        str(tmp_path / "o"),
-    ]
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 2
-    assert "leave 'optimizer' out of the DeepSpeed config" in result.stderr

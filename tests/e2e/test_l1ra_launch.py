@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
-from helpers import REPO, subprocess_env, two_processes
+from helpers import L1RA_STEPS, REPO, subprocess_env, two_processes
 from test_launch import _tensorboard_tags
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -62,50 +63,17 @@ def test_l1ra_moves_ranks_and_holds_the_budget(tiny_model_dir, tiny_csv, tmp_pat
 
 
 @pytest.mark.e2e
-def test_l1ra_physical_backend_under_zero3_with_torchrun(tiny_model_dir, tiny_csv, tmp_path):
-    """zero3_l1ra.json: real shape changes (engine rebuilds) under ZeRO-3, budget held, one TensorBoard file."""
-    cfg = json.loads((REPO / "ds_configs" / "zero3_l1ra.json").read_text())
-    assert cfg["dynrank"]["reshape"]["backend"] == "physical"
-    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
-    cfg["dynrank"]["schedule"].update(interval=2)
-    path = tmp_path / "l1ra_physical.json"
-    path.write_text(json.dumps(cfg))
-    out = tmp_path / "run"
-    cmd = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "29533",
-        TRAIN,
-        "--deepspeed",
-        str(path),
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_csv),
-        "--task",
-        "classification",
-        "--max_steps",
-        "8",
-        "--eval_interval",
-        "4",
-        "--eval_samples",
-        "16",
-        "--output_dir",
-        str(out),
-    ]
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-5000:]
+def test_l1ra_physical_backend_under_zero3_with_torchrun(l1ra_run):
+    """zero3_l1ra.json: real shape changes (engine rebuilds) under ZeRO-3, budget held, one TensorBoard file. Read
+    from the 2-process torchrun run the resume and reshard tests share (conftest.py `l1ra_run`)."""
+    cfg, out = l1ra_run("zero3_l1ra.json")
+    assert json.loads(Path(cfg).read_text())["dynrank"]["reshape"]["backend"] == "physical"
     history = json.loads((out / "allocation_history.json").read_text())
-    assert [h["step"] for h in history] == [0, 2, 4, 6]
+    assert [h["step"] for h in history] == list(range(0, L1RA_STEPS, 2))
     assert {h["budget"] for h in history} == {14 * 8}
     assert sum(h["slots_changed"] for h in history) > 0  # real rebuilds with pruned and born ranks
     metrics = json.loads((out / "metrics.json").read_text())
-    # physical: the trainable parameters are what the final ranks imply (8 x (in + out + gate) per rank)
-    assert metrics["steps"] == 8 and metrics["zero_stage"] == 3
-    assert [h["step"] for h in metrics["eval_history"]] == [0, 4, 8]
-    tags = _tensorboard_tags(out)  # one event file although the engine was rebuilt three times
-    assert len(tags["Train/Samples/train_loss"]) == 8
+    assert metrics["steps"] == L1RA_STEPS and metrics["zero_stage"] == 3
+    assert [h["step"] for h in metrics["eval_history"]] == [0, 6, 12]
+    tags = _tensorboard_tags(out)  # one event file although the engine was rebuilt at every event
+    assert len(tags["Train/Samples/train_loss"]) == L1RA_STEPS

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from helpers import REPO, free_port, subprocess_env, two_processes
+from helpers import REPO, free_port, l1ra_config, subprocess_env, two_processes
 
 STEPS, SAVE_EVERY = 12, 4
 
@@ -27,19 +27,6 @@ def _accelerate_yaml(directory, name: str, ds_config) -> str:
     settings["main_process_port"] = free_port()
     path = directory / name
     path.write_text(yaml.safe_dump(settings))
-    return str(path)
-
-
-def _ds_config(directory, name: str) -> str:
-    """The shipped config `name` with L1RA events every 2 steps that move ranks in a 12-step run; under ZeRO-3 the
-    tiny model's weights really partitioned."""
-    cfg = json.loads((REPO / "ds_configs" / name).read_text())
-    cfg["dynrank"]["l1ra"].update(l1_lambda=4.0, gate_lr=0.05)
-    cfg["dynrank"]["schedule"].update(interval=2)
-    if cfg["zero_optimization"]["stage"] == 3:
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = directory / name
-    path.write_text(json.dumps(cfg))
     return str(path)
 
 
@@ -72,7 +59,8 @@ def _run(config_yaml: str, model, data, out, *extra: str) -> None:
 def zero3_run(tmp_path_factory, tiny_chat_model_dir, tiny_sft_jsonl):
     """The uninterrupted physical ZeRO-3 run (checkpoints every 4 steps): (accelerate config, output dir)."""
     directory = tmp_path_factory.mktemp("trl")
-    config = _accelerate_yaml(directory, "zero3.yaml", _ds_config(directory, "hf_zero3_l1ra.json"))
+    ds_config = l1ra_config(directory, "hf_zero3_l1ra.json", dropout=0.0, partitioned=True)
+    config = _accelerate_yaml(directory, "zero3.yaml", ds_config)
     out = directory / "zero3"
     _run(config, tiny_chat_model_dir, tiny_sft_jsonl, out, "--save_steps", str(SAVE_EVERY))
     return config, out
@@ -183,6 +171,7 @@ def test_sft_trainer_runs_every_method(method, tiny_chat_model_dir, tiny_sft_jso
     cmd = [*two_processes(), str(REPO / "launch" / "train_trl.py"), "--deepspeed", config]
     cmd += ["--model", str(tiny_chat_model_dir), "--dataset", str(tiny_sft_jsonl), "--max_length", "128"]
     cmd += ["--max_steps", str(STEPS), "--learning_rate", "1e-2", "--output_dir", str(out)]
+    cmd += ["--no-gradient_checkpointing"]  # (on in the runs above)
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     history = json.loads((out / "allocation_history.json").read_text())
@@ -220,7 +209,7 @@ def test_the_readme_trl_example_runs_as_written(tiny_chat_model_dir, tmp_path):
     )
     script = tmp_path / "sft.py"
     script.write_text(code)
-    config = _accelerate_yaml(tmp_path, "zero2.yaml", _ds_config(tmp_path, "hf_zero2_l1ra.json"))
+    config = _accelerate_yaml(tmp_path, "zero2.yaml", l1ra_config(tmp_path, "hf_zero2_l1ra.json", dropout=0.0))
     result = subprocess.run(
         ["accelerate", "launch", "--config_file", config, str(script)],
         cwd=REPO,

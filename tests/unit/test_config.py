@@ -28,7 +28,8 @@ def test_defaults_are_plain_lora():
         ({"r": "eight"}, r"dynrank\.r: Input should be a valid integer.*\(got 'eight'\)"),
         (
             {"method": "l2ra"},
-            r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc', 'adalora' or 'gora' \(got 'l2ra'\)",
+            r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc', 'adalora', 'gora' or 'random' "
+            r"\(got 'l2ra'\)",
         ),
         ({"lora_dropout": 1.0}, r"dynrank\.lora_dropout: Input should be less than 1"),
         ({"lora_alpha": 0}, r"dynrank\.lora_alpha: Input should be greater than 0"),
@@ -118,7 +119,11 @@ def test_shipped_configs_validate_and_resolve(path, tmp_path):
     if path.name.startswith("hf_"):  # for HF Trainer, which resolves its own "auto" values
         assert "optimizer" not in raw and "scheduler" not in raw
         return
-    assert raw["tensorboard"]["enabled"] is True and "dynrank" in raw
+    if path.name.endswith("peft_eva.json"):  # the EVA peer: PEFT's LoRA from its own section, under ZeRO-2
+        assert "dynrank" not in raw and "peft_eva" in raw and raw["zero_optimization"]["stage"] == 2
+    else:
+        assert "dynrank" in raw
+    assert raw["tensorboard"]["enabled"] is True
     cpu = resolve(raw, max_steps=40, output_dir=tmp_path, bf16_supported=False)
     gpu = resolve(raw, max_steps=40, output_dir=tmp_path, bf16_supported=True)
     assert cpu["bf16"]["enabled"] is False and gpu["bf16"]["enabled"] is True

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import REPO, tiny_llama
 
 from ds_dynrank.config import from_ds_config
 from ds_dynrank.errors import UserInputError
@@ -26,6 +26,16 @@ def test_a_peft_config_is_refused_since_the_adapters_are_ours(tmp_path):
         DynRankSFTTrainer(
             model=tiny_llama(), args=SFTConfig(output_dir=str(tmp_path), use_cpu=True), peft_config=LoraConfig()
         )
+
+
+def test_a_trainer_config_with_an_optimizer_is_refused():
+    """Trainer builds the optimizer, with the method's param groups (L1RA's gates at their own learning rate)."""
+    from ds_dynrank.config import load_ds_config
+    from ds_dynrank.hf import trainer_config
+
+    raw = load_ds_config(REPO / "ds_configs" / "zero2_l1ra.json")  # the own loop's config, with its optimizer
+    with pytest.raises(UserInputError, match=r"^dynrank: with DynRankTrainer leave 'optimizer' out of the DeepSpeed"):
+        trainer_config(raw, 0.0)
 
 
 def test_a_trainer_without_deepspeed_is_refused(tmp_path):
