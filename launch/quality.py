@@ -126,6 +126,15 @@ def model_costs(model: str | None) -> dict[str, int]:
 # -------------------------------------------------------------------------------------------------------- runs
 
 
+def _children_cpu_seconds() -> float:
+    """CPU time (user + system) of every finished child process tree: what a run really cost, whatever else shares
+    the machine (its wall time is recorded beside it)."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def command(args, job: Job, config_path: Path, out: Path, task: qa.Task, template: str | None) -> list[str]:
     from ds_dynrank.launch_env import free_port
 
@@ -165,14 +174,21 @@ def run_one(args, job: Job, task: qa.Task, template: str | None) -> qt.Run:
         cmd = command(args, job, config_path, out, task, template)
         print(f"[quality] start {job.phase} {job.task} {job.budget} {job.arm} {job.trial} seed {job.seed}", flush=True)
         log = out.parent / f"seed{job.seed}.log"
-        start = time.time()
+        start, used = time.time(), _children_cpu_seconds()
         with open(log, "w") as f:
             code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ).returncode
         if code != 0 or not run.metrics.is_file():
             print(f"[quality] FAILED ({code}): see {log}", flush=True)
             return result
-        write_json(out / RUN_RECORD, {"wall_seconds": round(time.time() - start, 2), "processes": args.nproc,
-                                      "phase": job.phase, "dataset": job.dataset, "command": cmd})  # fmt: skip
+        record = {
+            "wall_seconds": round(time.time() - start, 2),
+            "cpu_seconds": round(_children_cpu_seconds() - used, 2),
+            "processes": args.nproc,
+            "phase": job.phase,
+            "dataset": job.dataset,
+            "command": cmd,
+        }
+        write_json(out / RUN_RECORD, record)
         if args.reports and run.history.is_file():
             from ds_dynrank.tools.report import write_report
 
@@ -183,7 +199,7 @@ def run_one(args, job: Job, task: qa.Task, template: str | None) -> qt.Run:
     record = out / RUN_RECORD
     if record.is_file():
         done = read_json(record)
-        result.cpu_seconds = done["wall_seconds"] * done["processes"]
+        result.cpu_seconds = done.get("cpu_seconds", done["wall_seconds"] * done["processes"])
     else:  # a run from before the record: its training loop's time only
         result.cpu_seconds = result.metrics.get("wall_seconds", 0) * result.metrics.get("world_size", 1)
     result.final_ranks = run.read_allocation() or {}
@@ -274,7 +290,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "runs" / "quality_sft"))
     p.add_argument("--tasks", default="math,sharegpt", help="math, sharegpt, mr, wiki-uncertainty, or a dataset path")
     p.add_argument("--budget", default="r1,r8", help="parameter budgets: r<rank>, comma-separated (r1, r2, r8)")
-    p.add_argument("--arms", "--methods", dest="arms", default=",".join(qa.ARMS), help=f"of {', '.join(qa.ARMS)}")
+    p.add_argument("--arms", "--methods", dest="arms", default=",".join(qa.HEADLINE), help=f"of {', '.join(qa.ARMS)}")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning-rate sweep (the job's default: 1e-3)")
     p.add_argument("--phase", choices=("tune", "test", "all"), default="all")
     p.add_argument("--seeds", default="0,1,2", help="test-phase seeds")

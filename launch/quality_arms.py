@@ -180,7 +180,7 @@ def _params_budget(ctx: Ctx, **extra) -> dict:
 class Arm:
     """One arm: its launcher, the shipped config it starts from, the settings of its `section` (`"dynrank"`, or the
     peer's own) from a Ctx, the knobs tuned besides the learning rate ({dotted config path: values} from a Ctx),
-    and its kind: `lora` (the baseline), `static`, `dynamic` (ours) or `peer`."""
+    and its kind: `lora` (the baseline), `static`, `control` (random decisions), `dynamic` (ours) or `peer`."""
 
     script: str
     config: str
@@ -190,11 +190,15 @@ class Arm:
     section: str = "dynrank"
 
 
-def _modalloc(strategy: str) -> Arm:
+def _modalloc(strategy: str | None) -> Arm:
+    """Module allocation with one strategy fixed, or (None) the strategy tuned as a knob beside k: `topk`,
+    `discounted` and `multinomial` (`threshold` sizes its set by mass, not k; `uniform` is its own random control)."""
+
     def knobs(ctx: Ctx) -> dict[str, list]:
         if strategy == "threshold":
             return {"dynrank.modalloc.threshold": [0.5, 0.7, 0.9]}
-        return {"dynrank.modalloc.k": sorted({max(1, round(f * ctx.modules)) for f in (1 / 3, 1 / 2, 2 / 3)})}
+        k = {"dynrank.modalloc.k": sorted({max(1, round(f * ctx.modules)) for f in (1 / 3, 1 / 2, 2 / 3)})}
+        return k if strategy else {"dynrank.modalloc.strategy": ["topk", "discounted", "multinomial"], **k}
 
     return Arm(
         "train.py",
@@ -202,7 +206,7 @@ def _modalloc(strategy: str) -> Arm:
         lambda ctx: {
             **shared(ctx),
             "schedule": {"kind": "periodic", "interval": ctx.part(1 / 6)},
-            "modalloc": {"score": "activation", "strategy": strategy},
+            "modalloc": {"score": "activation", **({"strategy": strategy} if strategy else {})},
         },
         knobs,
     )
@@ -216,6 +220,11 @@ def _strategies() -> tuple[str, ...]:
     return get_args(Strategy)
 
 
+def _every(ctx: Ctx) -> dict:
+    """L1RA's event schedule (its paper's 5% of the run), shared by the random control that mirrors it."""
+    return {"schedule": {"interval": ctx.part(0.05)}}
+
+
 ARMS: dict[str, Arm] = {
     "lora": Arm("train.py", "zero2.json", shared, kind="lora"),
     "rslora": Arm("train.py", "zero2.json", lambda ctx: {**shared(ctx), "use_rslora": True}, kind="static"),
@@ -223,8 +232,20 @@ ARMS: dict[str, Arm] = {
     "l1ra": Arm(
         "train.py",
         "zero2_l1ra.json",
-        lambda ctx: {**shared(ctx), "capacity": 2 * ctx.r, **_params_budget(ctx)},
+        lambda ctx: {**shared(ctx), "capacity": 2 * ctx.r, **_params_budget(ctx), **_every(ctx)},
         lambda ctx: {"dynrank.l1ra.l1_lambda": [0.005, 0.05, 0.5]},
+    ),
+    # the control: L1RA's schedule, budget and capacity, random decisions; the slots moved per event tuned like a
+    # knob over the sizes L1RA's events move (a tenth, a quarter, half of the modules' ranks), or replayed from a
+    # run's history with `random.moves` as a list (ds_dynrank/methods/random/config.py)
+    "random": Arm(
+        "train.py",
+        "zero2_random.json",
+        lambda ctx: {**shared(ctx), "capacity": 2 * ctx.r, **_params_budget(ctx), **_every(ctx)},
+        lambda ctx: {
+            "dynrank.random.moves": sorted({max(1, round(f * ctx.r * ctx.modules)) for f in (0.1, 0.25, 0.5)})
+        },
+        kind="control",
     ),
     # the paper's round on every module, at a quarter and half of the run: scoring cost grows with the ranks scored
     "alora": Arm(
@@ -239,6 +260,7 @@ ARMS: dict[str, Arm] = {
         },
         lambda ctx: {"dynrank.alora.prune_per_round": sorted({max(1, round(f * ctx.modules)) for f in (0.5, 1, 2)})},
     ),
+    "modalloc": _modalloc(None),
     **{f"modalloc-{s}": _modalloc(s) for s in _strategies()},
     # PEFT's convention: start at 1.5 x the budget's rank, prune to it
     "adalora": Arm(
@@ -267,7 +289,20 @@ ARMS: dict[str, Arm] = {
         kind="peer",
         section="peft_adalora",
     ),
+    # PEFT's EVA: rank redistributed once from activation SVDs, the rank sum r x modules kept (not the parameters)
+    "peft-eva": Arm(
+        "train_peft_eva.py",
+        "zero2_peft_eva.json",
+        lambda ctx: {"r": ctx.r, "lora_alpha": 2 * ctx.r},
+        lambda ctx: {"peft_eva.rho": [1.5, 2.0, 4.0]},
+        kind="peer",
+        section="peft_eva",
+    ),
 }
+# the headline arms (the default of --arms): one per method, the baselines, the control and the peers; the fixed
+# strategies of module allocation stay runnable by name
+HEADLINE = ("lora", "rslora", "mlp-heavy", "random", "l1ra", "alora", "modalloc", "adalora", "gora", "peft-adalora",
+            "peft-eva")  # fmt: skip
 BASELINE = "lora"
 
 
@@ -354,8 +389,9 @@ def arm_kind(spec: str) -> str:
 
 
 def start_ranks(spec: str, ctx: Ctx, cfg: dict) -> dict[str, int]:
-    """The ranks an arm's run starts with (the peer: PEFT's init_r everywhere)."""
+    """The ranks an arm's run starts with (a peer: PEFT's init_r, or EVA's r, everywhere)."""
     arm = ARMS[parse_arm(spec)[0]]
     if arm.section != "dynrank":
-        return dict.fromkeys(ctx.costs, cfg[arm.section]["init_r"])
+        section = cfg[arm.section]
+        return dict.fromkeys(ctx.costs, section["init_r"] if "init_r" in section else section["r"])
     return initial_ranks(cfg["dynrank"], ctx.costs)

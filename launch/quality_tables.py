@@ -179,7 +179,7 @@ def targets(table: dict, values: dict) -> list[tuple[str, str, str]]:
     )
     sign = 1 if table["lower_is_better"] else -1
     best = min(dynamic, key=lambda a: sign * dynamic[a]["metrics"][head]["mean"]) if dynamic else None
-    for static in ("mlp-heavy", "rslora"):
+    for static in ("random", "mlp-heavy", "rslora"):
         verdict = _between(table, values, best, static) if best and static in arms else "n/a"
         out.append(
             (
@@ -202,10 +202,25 @@ def targets(table: dict, values: dict) -> list[tuple[str, str, str]]:
             ", ".join(sorted(set(below))) or "none below",
         )
     )
-    unmatched = [a for a, r in table["arms"].items() if r.get("parameters") and not r["parameters"]["matched"]]
+    for arm in (a for a in arms if a.split("+")[0].startswith("modalloc")):
+        active, budget = arms[arm]["parameters"]["active_at_end"], table["budget_parameters"]
+        fraction = active / budget if active and budget else None
+        verdict = compared.get(arm, "n/a")
+        out.append(
+            (
+                f"{arm} not worse than tuned LoRA beyond 2 SE, training at most 0.6 x its parameters",
+                status(verdict in ("no", "better") and fraction is not None and fraction <= 0.6, verdict != "n/a"),
+                f"{verdict}; trains {fraction:.2f} x" if fraction is not None else verdict,
+            )
+        )
+    unmatched = [
+        a
+        for a, r in table["arms"].items()
+        if r["kind"] != "peer" and r.get("parameters") and not r["parameters"]["matched"]
+    ]
     out.append(
         (
-            "every arm's live adapter parameters at the budget (within the tolerance)",
+            "every arm's live adapter parameters at the budget (within the tolerance; the peers' ranks are PEFT's)",
             status(not unmatched, bool(arms)),
             ", ".join(unmatched) or "all within",
         )

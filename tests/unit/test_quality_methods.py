@@ -52,7 +52,7 @@ def test_every_arm_builds_configs_the_job_accepts_at_the_budget(arm, r):
         assert abs(start - ctx.budget) <= qa.tolerance(ctx), (arm, start, ctx.budget)
         if qa.ARMS[arm].section == "dynrank":
             section = from_ds_config(cfg)
-            assert section.budget.unit == ("params" if arm in ("l1ra", "alora", "gora") else "rank")
+            assert section.budget.unit == ("params" if arm in ("l1ra", "alora", "gora", "random") else "rank")
 
 
 @pytest.mark.parametrize("r", [1, 2, 8])
@@ -135,3 +135,55 @@ def test_summarise_only_starts_nothing_and_still_writes_the_tables(tmp_path, cap
     assert "[quality] start" not in capsys.readouterr().out
     assert not (out / "chats").exists() and not (out / "tuning.json").exists()
     assert "Protocol:" in (out / "quality.md").read_text() and (out / "quality_pareto.png").is_file()
+
+
+def test_the_random_control_takes_l1ras_schedule_budget_and_capacity():
+    ctx = qa.Ctx(1, 300, COSTS)
+    (_, random_cfg), (_, l1ra_cfg) = (qa.build_config(a, ctx, {"lr": 1e-3}) for a in ("random", "l1ra"))
+    control, method = from_ds_config(random_cfg), from_ds_config(l1ra_cfg)
+    assert control.method == "random" and method.method == "l1ra"
+    for field in ("schedule", "budget", "capacity", "r", "lora_alpha", "target_modules"):
+        assert getattr(control, field) == getattr(method, field), field
+    assert control.schedule.interval == 15  # L1RA's paper: 5% of the run
+    moves = {t["dynrank.random.moves"] for t in qa.trials("random", ctx, LRS)}
+    assert moves == {21, 52, 105}  # a tenth, a quarter and half of the 210 ranks at r1
+
+
+def test_module_allocation_tunes_its_strategy_beside_k():
+    ctx = qa.Ctx(8, 300, COSTS)
+    trials = qa.trials("modalloc", ctx, LRS)
+    assert {t["dynrank.modalloc.strategy"] for t in trials} == {"topk", "discounted", "multinomial"}
+    assert {t["dynrank.modalloc.k"] for t in trials} == {70, 105, 140}
+    for settings in trials:
+        section = from_ds_config(qa.build_config("modalloc", ctx, settings)[1]).modalloc
+        assert (section.strategy, section.k) == (settings["dynrank.modalloc.strategy"], settings["dynrank.modalloc.k"])
+
+
+def _runs(arm, values, ranks, active=None):
+    return [
+        qt.Run("math", "r1", "test", arm, "lr0.001", seed, {"eval_loss": v, "steps": 300,
+               **({"trainable_parameters_active": active} if active else {})}, 36.0, dict(ranks), dict(ranks))
+        for seed, v in enumerate(values)
+    ]  # fmt: skip
+
+
+def test_the_targets_weigh_the_best_method_against_the_controls_and_time_module_allocation():
+    ctx = qa.Ctx(1, 300, COSTS)
+    uniform, task = dict.fromkeys(COSTS, 1), qa.TASKS["math"]
+    runs = (
+        _runs("lora", [1.00, 1.10, 0.90], uniform)
+        + _runs("l1ra", [0.90, 1.00, 0.80], uniform)  # 0.1 below LoRA on every seed
+        + _runs("random", [0.95, 1.05, 0.85], uniform)  # l1ra 0.05 below it on every seed
+        + _runs("mlp-heavy", [0.80, 1.30, 0.90], uniform)  # l1ra's differences -0.1, +0.3, -0.1: inside 2 SE
+        + _runs("modalloc", [1.01, 1.09, 0.91], uniform, active=0.5 * ctx.budget)
+    )
+    kinds = {a: qa.arm_kind(a) for a in ("lora", "l1ra", "random", "mlp-heavy", "modalloc")}
+    kinds["modalloc"] = "static"  # l1ra alone is the dynamic method here
+    table = qt.summarise(runs, {"math": task}, {"r1": ctx}, kinds)["math"]["r1"]
+    verdicts = {target: status for target, status, _ in table["targets"]}
+    assert verdicts["a dynamic method better than tuned LoRA beyond 2 SE"] == "met"
+    assert verdicts["the best dynamic method (l1ra) better than random beyond 2 SE"] == "met"
+    assert verdicts["the best dynamic method (l1ra) better than mlp-heavy beyond 2 SE"] == "missed"
+    modalloc = "modalloc not worse than tuned LoRA beyond 2 SE, training at most 0.6 x its parameters"
+    assert verdicts[modalloc] == "met"
+    assert table["cpu_hours"]["test"] == pytest.approx(15 * 36 / 3600)
