@@ -1,391 +1,380 @@
-"""Quality benchmark: every method against vanilla LoRA and PEFT's own AdaLoRA, at equal rank budget and equal
-optimizer steps, over several seeds and tasks. One command; resumable (a run whose metrics.json exists is kept).
+"""Quality benchmark: every method against tuned LoRA, the static and scaling baselines and PEFT's own AdaLoRA, at
+equal adapter parameters and equal optimizer steps, tuned on a validation split and reported over seeds. One
+command, one run at a time; resumable (a run whose metrics.json exists is reused).
 
-    python launch/quality.py --out runs/quality                        # 2 tasks x 3 seeds x every method
-    python launch/quality.py --out runs/quality --methods lora,l1ra --seeds 0 --tasks mr
+    python launch/quality.py --out runs/quality_sft                            # math and ShareGPT, r1 and r8
+    python launch/quality.py --out runs/quality_sft --phase tune --tasks math --budget r2
+    python launch/quality.py --out runs/quality_sft --phase test --choices benchmarks/results/quality_sft/tuning.json
+    python launch/quality.py --out runs/quality_sft --summarise_only           # tabulate, start nothing
 
-Each run is the real main job (launch/train.py, or launch/train_peft_adalora.py for the peer) started with the
-DeepSpeed launcher. Budgets: LoRA, L1RA, ALoRA and module allocation hold r=8 on every linear layer; AdaLoRA
-(ours and PEFT's) starts at r=12 and ends at target_r=8. Event schedules are scaled to --max_steps. Writes
-`quality.json`, `quality.md` (mean ± std per task and method, rank distribution per module type, the targets),
-`quality.png`, and each run's `report/`.
+Tasks: the SFT default (`math`: school math, headline the held-out completion loss, exact match beside it) and
+ShareGPT chat (`sharegpt`: held-out perplexity); `mr`, `wiki-uncertainty` (classification, accuracy) and dataset
+paths still run. Budgets (`--budget r1,r2,r8`) are parameters, (in + out) x r summed over every linear layer at
+uniform rank r; every arm is built to hold them (arms and their settings: launch/quality_arms.py).
 
-A method may carry overrides of its own config section, `+`-separated, e.g. `l1ra+l1_lambda=0.05`; with
-`--validation` every run trains and scores inside the task's training split (a fixed quarter of it held out), so
-settings are chosen without reading the test sentences:
-
-    python launch/quality.py --out runs/l1ra_sweep --validation --tasks mr --seeds 0 \
-        --methods lora,l1ra+l1_lambda=0.5,l1ra+l1_lambda=0.05,l1ra+l1_lambda=0.005
+`--phase tune` runs every arm's trials (one per learning rate in `--lrs`, the arm's own knobs paired with them) for
+one seed on a validation split carved from the training rows (written under <out>/data/; the test split is never
+read) and writes each arm's best trial by the task's headline to `--choices` (default <out>/tuning.json; commit it).
+`--phase test` runs each arm's chosen trial on the real held-out split for every `--seeds`; `--phase all` does both.
+Each run is the real main job (launch/train.py, or the peer's launcher) under the chosen launcher. Writes
+`quality.json`, `quality.md` (launch/quality_tables.py), `quality_pareto.png` and `quality_ranks.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TASKS = {"mr": "mr-polarity", "wiki-uncertainty": "wiki-uncertainty"}
-from ds_dynrank.launch_env import free_port  # noqa: E402
-from ds_dynrank.methods.modalloc.strategies import STRATEGIES  # noqa: E402
+import quality_arms as qa  # noqa: E402
+import quality_tables as qt  # noqa: E402
+
+RUN_RECORD = "quality_run.json"  # next to metrics.json: the command, its wall time and processes
 
 
-class Arm(NamedTuple):
-    """One arm of the benchmark: its launcher, the shipped DeepSpeed config it starts from, and the `"dynrank"`
-    settings it runs at, as a function of the run length (None: a peer with no "dynrank" section)."""
+@dataclass
+class Job:
+    """One run: where it goes and what it starts from."""
 
+    task: str
+    budget: str
+    phase: str
+    arm: str
+    trial: str
+    seed: int
+    dataset: str
     script: str
-    config: str
-    settings: Callable[[int], dict] | None
+    cfg: dict
+
+    def path(self, out: Path) -> Path:
+        return out / self.task / self.budget / self.phase / self.arm / self.trial / f"seed{self.seed}"
 
 
-def _every(n: int, parts: int) -> int:
-    return max(1, n // parts)
+# ------------------------------------------------------------------------------------------------------- data
 
 
-SHARED = {"target_modules": "all-linear", "r": 8, "lora_alpha": 16}  # the rank budget every arm holds
-ARMS = {
-    "lora": Arm("train.py", "zero2.json", lambda n: SHARED),
-    "l1ra": Arm("train.py", "zero2_l1ra.json", lambda n: SHARED),
-    # the paper's round, on every module: scoring cost grows with the ranks scored
-    "alora": Arm(
-        "train.py",
-        "zero2_alora.json",
-        lambda n: {
-            **SHARED,
-            "capacity": 16,
-            "schedule": {"start": _every(n, 4), "interval": _every(n, 4)},
-            "alora": {"rounds": 2, "val_samples": 2},
-        },
-    ),
-    **{
-        f"modalloc-{s}": Arm(
-            "train.py",
-            "zero2_modalloc.json",
-            lambda n, s=s: {
-                **SHARED,
-                "schedule": {"kind": "periodic", "interval": _every(n, 6)},
-                "modalloc": {"score": "activation", "strategy": s},
-            },
-        )
-        for s in STRATEGIES
-    },
-    "adalora": Arm("train.py", "zero2_adalora.json", lambda n: {**SHARED, "r": 12}),  # 12 -> 8, as PEFT's peer
-    # its launcher builds AdaLoraConfig from the config's own "peft_adalora" section, at the same budget
-    "peft-adalora": Arm("train_peft_adalora.py", "zero0_peft_adalora.json", None),
-}
-METHODS = tuple(ARMS)
-BASELINE, PEER = "lora", "peft-adalora"  # what every arm is paired with, and the outside peer
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """'l1ra+l1_lambda=0.05' -> ('l1ra', {'l1_lambda': 0.05}): an arm and overrides of its method's own section."""
-    from ds_dynrank.tools.overrides import split_overrides
-
-    base, overrides = split_overrides(spec, "--methods")
-    if base not in METHODS:
-        raise ValueError(f"--methods: unknown {base!r} (known: {', '.join(METHODS)})")
-    return base, overrides
-
-
-def method_config(spec: str, max_steps: int) -> tuple[str, dict]:
-    """(script, DeepSpeed config) of one arm at the shared budget, its events scaled to the run, overrides applied
-    last and the result validated as the job would validate it."""
-    from ds_dynrank.config import from_ds_config
-    from ds_dynrank.methods.registry import spec as method_spec
-    from ds_dynrank.tools.overrides import apply_overrides
-
-    base, overrides = parse_method(spec)
-    arm = ARMS[base]
-    cfg = json.loads((REPO / "ds_configs" / arm.config).read_text())
-    if arm.settings is not None:
-        section = cfg["dynrank"]
-        for key, value in arm.settings(max_steps).items():
-            section[key] = {**section.get(key, {}), **value} if isinstance(value, dict) else value
-    method = cfg.get("dynrank", {}).get("method")
-    if overrides:
-        if method is None or method_spec(method).section is None:
-            raise ValueError(f"--methods: {spec!r}: {base} has no method section to override")
-        cfg["dynrank"] = apply_overrides(cfg["dynrank"], method, overrides)
-        from_ds_config(cfg)  # a bad key or value is a UserInputError naming the field, before any run starts
-    return arm.script, cfg
-
-
-def label(task: str) -> str:
-    """A task's directory and table name: its short name, or a dataset path's file stem."""
-    return task if task in TASKS else Path(task).stem
-
-
-def validation_task(out: Path, task: str) -> tuple[str, str]:
-    """(CSV path, prompt) of the task's training split alone: a run on it holds out a fixed quarter of the training
-    sentences and never reads the test split. The prompt stays the original task's."""
-    from ds_dynrank.task.classification import EVAL_FRACTION, SPLIT_SEED, load_table, split_table, task_template
-
-    dataset = TASKS.get(task, task)
-    path = out / "validation" / f"{label(task)}-validation.csv"
-    if not path.is_file():
-        train, _ = split_table(load_table(dataset), eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
+def _write_once(path: Path, write) -> Path:
+    """Write through a partial sibling and rename: a killed run never leaves half a file to be reused."""
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        train.to_csv(str(partial), index=False)
-        os.replace(partial, path)  # a killed run leaves no half-written table to be reused
-    return str(path), task_template(dataset)
+        write(partial)
+        os.replace(partial, path)
+    return path
 
 
-def run_one(args, task: str, method: str, built: tuple[str, dict], seed: int) -> dict | None:
-    """One run's metrics: reused when its metrics.json exists, else trained now with `built` (script, config)."""
-    from ds_dynrank.rundir import RunDir
+def prepare_data(out: Path, label: str, task: qa.Task) -> dict:
+    """The task's two datasets: `validation`, the training rows alone (the job holds out its own fixed quarter of
+    them, so tuning never reads the test split), and `test`, what the test phase reads (the dataset itself when it
+    has its own test split or is classification, else the training and test rows written as a saved DatasetDict,
+    so the validation rows and the test rows come from one split)."""
+    from ds_dynrank.task.tables import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
 
-    run = RunDir(Path(args.out) / label(task) / method / f"seed{seed}")
-    out = run.path
-    if run.metrics.is_file():
-        return run.read_metrics()
-    if args.summarise_only:
-        return None
-    script, cfg = built
-    config_path = Path(args.out) / "configs" / f"{method}.json"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(cfg, indent=2))
+    table = load_table(task.dataset)
+    train, test = split_table(table, eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
+    own_split = len(table) > 1
+    where = out / "data" / label
+    if task.kind == "classification":
+        validation = _write_once(where / "validation.csv", lambda p: train.to_csv(str(p), index=False))
+        test_set = task.dataset
+    else:
+        validation = _write_once(
+            where / "validation.jsonl", lambda p: train.to_json(str(p), lines=True, force_ascii=False)
+        )
+        test_set = task.dataset
+        if not own_split:
+            import datasets
+
+            split = where / "test-split"
+            _write_once(split, lambda p: datasets.DatasetDict(train=train, test=test).save_to_disk(str(p)))
+            test_set = str(split)
+    return {
+        "validation": str(validation),
+        "validation_sha256": _sha256(validation),
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "test": test_set,
+    }
+
+
+def model_costs(model: str | None) -> dict[str, int]:
+    """Every linear layer the job adapts under all-linear, with the cost of one rank: in + out features (from the
+    model's meta-device skeleton: no weights load)."""
+    from ds_dynrank.config import from_ds_config
+    from ds_dynrank.inject import select_targets
+    from ds_dynrank.task.models import skeleton
+
+    module = skeleton(model)
+    chosen = set(select_targets(module, from_ds_config({"dynrank": {"target_modules": "all-linear"}})))
+    return {n: int(sum(m.weight.shape)) for n, m in module.named_modules() if n in chosen}  # the model's order
+
+
+# -------------------------------------------------------------------------------------------------------- runs
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time (user + system) of every finished child process tree: what a run really cost, whatever else shares
+    the machine (its wall time is recorded beside it)."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def command(args, job: Job, config_path: Path, out: Path, task: qa.Task, template: str | None) -> list[str]:
+    from ds_dynrank.launch_env import free_port
+
     port = str(free_port())
-    if args.launcher == "torchrun":
-        launcher = [
-            "torchrun",
-            "--nproc_per_node",
-            str(args.nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-        ]
+    if args.launcher == "python":  # one process, no launcher
+        launcher = [sys.executable]
+    elif args.launcher == "torchrun":
+        launcher = ["torchrun", "--nproc_per_node", str(args.nproc), "--master_addr", "127.0.0.1"]
+        launcher += ["--master_port", port]
     else:
         launcher = ["deepspeed", "--num_gpus", str(args.nproc), "--master_port", port]
-    cmd = [
-        *launcher,
-        str(REPO / "launch" / script),
-        "--deepspeed",
-        str(config_path),
-        "--task",
-        "classification",  # the sentence tasks (the SFT benchmark is issue 23's)
-        "--dataset",
-        TASKS.get(task, task),
-        "--seed",
-        str(seed),
-        "--max_steps",
-        str(args.max_steps),
-        "--eval_interval",
-        "0",
-        "--eval_samples",
-        str(args.eval_samples),
-        "--output_dir",
-        str(out),
-    ]
+    cmd = [*launcher, str(REPO / "launch" / job.script), "--deepspeed", str(config_path), "--task", task.kind]
+    cmd += ["--dataset", job.dataset, "--seed", str(job.seed), "--max_steps", str(args.max_steps)]
+    cmd += ["--eval_interval", "0", "--eval_samples", str(args.eval_samples), "--output_dir", str(out)]
+    if task.kind == "sft":
+        cmd += ["--eval_generate", str(args.eval_generate if "exact_match" in task.also else 0)]
     if args.model:
         cmd += ["--model", args.model]
-    if task in args.templates:
-        cmd += ["--prompt_template", args.templates[task]]
-    print(f"[quality] {task} {method} seed {seed}", flush=True)
-    log = out.parent / f"seed{seed}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ).returncode
-    if code != 0:
-        print(f"[quality] FAILED ({code}): see {log}", flush=True)
-        return None
-    if run.history.is_file():
-        from ds_dynrank.tools.report import write_report
-
-        write_report(out)
-    return run.read_metrics()
+    if template:
+        cmd += ["--prompt_template", template]
+    return cmd + list(task.flags)
 
 
-def type_ranks(run_dir: Path) -> dict[str, float]:
-    """Mean final rank per module type (q_proj, ...; the report's labels), from allocation.json."""
-    from ds_dynrank.rundir import RunDir
-    from ds_dynrank.tools.report import type_labels, type_totals
+def run_one(args, job: Job, task: qa.Task, template: str | None) -> qt.Run:
+    """One run: reused when its metrics.json exists, else trained now (unless --summarise_only)."""
+    from ds_dynrank.rundir import RunDir, read_json, write_json
 
-    ranks = RunDir(run_dir).read_allocation()
-    if not ranks:
-        return {}
-    labels = type_labels(ranks)
-    counts = {t: list(labels.values()).count(t) for t in set(labels.values())}
-    return {t: total / counts[t] for t, total in type_totals(ranks, labels).items()}
+    out = job.path(Path(args.out))
+    run = RunDir(out)
+    result = qt.Run(job.task, job.budget, job.phase, job.arm, job.trial, job.seed)
+    result.start_ranks = qa.start_ranks(job.arm, args.ctxs[job.budget], job.cfg)
+    if not run.metrics.is_file():
+        if args.summarise_only:
+            return result
+        config_path = out.parent / "ds_config.json"
+        write_json(config_path, job.cfg)
+        cmd = command(args, job, config_path, out, task, template)
+        print(f"[quality] start {job.phase} {job.task} {job.budget} {job.arm} {job.trial} seed {job.seed}", flush=True)
+        log = out.parent / f"seed{job.seed}.log"
+        start, used = time.time(), _children_cpu_seconds()
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ).returncode
+        if code != 0 or not run.metrics.is_file():
+            print(f"[quality] FAILED ({code}): see {log}", flush=True)
+            return result
+        record = {
+            "wall_seconds": round(time.time() - start, 2),
+            "cpu_seconds": round(_children_cpu_seconds() - used, 2),
+            "processes": args.nproc,
+            "phase": job.phase,
+            "dataset": job.dataset,
+            "command": cmd,
+        }
+        write_json(out / RUN_RECORD, record)
+        if args.reports and run.history.is_file():
+            from ds_dynrank.tools.report import write_report
 
-
-def type_active_share(run_dir: Path) -> dict[str, float]:
-    """% of module-events each module type trained (module allocation), from allocation_history.json."""
-    from ds_dynrank.rundir import RunDir
-    from ds_dynrank.tools.report import type_activity
-
-    history = RunDir(run_dir).read_history()
-    shares = type_activity(history) if history else None
-    return {t: share for t, (_, _, share) in (shares or {}).items()}
-
-
-def summarise(args, results: dict) -> dict:
-    """mean ± std per task and method, and the targets against LoRA and PEFT's AdaLoRA."""
-    table = {}
-    for task, by_method in results.items():
-        table[label(task)] = {}
-        lora = {seed: r for seed, r in by_method.get(BASELINE, {}).items() if r}
-        for method, runs in by_method.items():
-            done = {seed: r for seed, r in runs.items() if r}  # failed runs are None
-            if not done:
-                continue
-            values = [100 * r["value"] for r in done.values()]
-            dirs = [Path(args.out) / label(task) / method / f"seed{s}" for s in done]
-            per_type = [type_ranks(d) for d in dirs]
-            types = sorted({t for p in per_type for t in p})
-            active = [type_active_share(d) for d in dirs]
-            active_types = sorted({t for a in active for t in a})
-            first = next(iter(done.values()))
-            paired = [100 * (r["value"] - lora[seed]["value"]) for seed, r in done.items() if seed in lora]
-            table[label(task)][method] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "seeds": len(values),
-                "by_seed": {str(seed): 100 * r["value"] for seed, r in done.items()},
-                "paired_to_lora": statistics.fmean(paired) if paired and method != BASELINE else None,
-                "trainable_parameters": first["trainable_parameters"],
-                "active_parameters": statistics.fmean(
-                    r.get("trainable_parameters_active", r["trainable_parameters"]) for r in done.values()
-                ),
-                "final_budget": first.get("final_budget"),
-                "rank_by_type": {t: statistics.fmean(p.get(t, 0) for p in per_type) for t in types},
-                "active_share_by_type": {t: statistics.fmean(a.get(t, 0) for a in active) for t in active_types},
-            }
-    return {task: rows for task, rows in table.items() if rows}  # a task with no finished run is left out
+            write_report(out)
+    else:
+        args.reused += 1
+    result.metrics = run.read_metrics()
+    record = out / RUN_RECORD
+    if record.is_file():
+        done = read_json(record)
+        result.cpu_seconds = done.get("cpu_seconds", done["wall_seconds"] * done["processes"])
+    else:  # a run from before the record: its training loop's time only
+        result.cpu_seconds = result.metrics.get("wall_seconds", 0) * result.metrics.get("world_size", 1)
+    result.final_ranks = run.read_allocation() or {}
+    return result
 
 
-def targets(task_table: dict) -> list[str]:
-    if BASELINE not in task_table:
-        return ["no LoRA baseline in this task"]
-    lora = task_table[BASELINE]["mean"]
-    dynamic = {m: v["mean"] for m, v in task_table.items() if m not in (BASELINE, PEER)}
-    lines = []
-    if dynamic:
-        best = max(dynamic, key=dynamic.get)
-        ok = dynamic[best] >= lora + 0.5
-        lines.append(
-            f"best dynamic method {best} {dynamic[best]:.1f} vs LoRA {lora:.1f} + 0.5: {'met' if ok else 'missed'}"
-        )
-        below = [m for m, v in dynamic.items() if v < lora - 0.3]
-        lines.append(f"no method below LoRA - 0.3: {'met' if not below else 'missed by ' + ', '.join(below)}")
-    if PEER in task_table:
-        peer = task_table[PEER]["mean"]
-        worse = [m for m, v in dynamic.items() if v < peer]
-        lines.append(
-            f"every method >= PEFT AdaLoRA ({peer:.1f}): {'met' if not worse else 'missed by ' + ', '.join(worse)}"
-        )
-    return lines
+def tune(args, tasks, data, built) -> tuple[list[qt.Run], dict]:
+    """Every arm's trials on the validation split at --tune_seed; each arm's best by the task's headline."""
+    runs, choices = [], {}
+    for label, task in tasks.items():
+        for budget in args.ctxs:
+            for arm in args.arms:
+                trials = []
+                for settings in built[budget][arm]:
+                    script, cfg = qa.build_config(arm, args.ctxs[budget], settings)
+                    job = Job(label, budget, "tune", arm, qa.trial_label(settings), args.tune_seed,
+                              data[label]["validation"], script, cfg)  # fmt: skip
+                    run = run_one(args, job, task, data[label].get("template"))
+                    runs.append(run)
+                    if run.metrics and task.headline in run.metrics:
+                        trials.append((run.metrics[task.headline], settings, run.trial))
+                if trials:
+                    sign = 1 if task.lower_is_better else -1
+                    value, settings, trial = min(trials, key=lambda t: sign * t[0])  # ties: the first trial
+                    choices.setdefault(label, {}).setdefault(budget, {})[arm] = {
+                        "trial": trial,
+                        "settings": settings,
+                        "metric": task.headline,
+                        "value": value,
+                        "trials": {t: v for v, _, t in trials},
+                    }
+    return runs, choices
 
 
-def write_outputs(args, table: dict) -> None:
+def test(args, tasks, data, choices) -> list[qt.Run]:
+    """Each arm's chosen trial on the held-out split, for every seed."""
+    runs = []
+    for label, task in tasks.items():
+        for budget in args.ctxs:
+            for arm in args.arms:
+                choice = choices.get(label, {}).get(budget, {}).get(arm)
+                if choice is None:
+                    continue
+                script, cfg = qa.build_config(arm, args.ctxs[budget], choice["settings"])
+                for seed in args.seeds:
+                    job = Job(label, budget, "test", arm, choice["trial"], seed, data[label]["test"], script, cfg)
+                    runs.append(run_one(args, job, task, data[label].get("template")))
+    return runs
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def read_choices(path: Path) -> dict:
+    return json.loads(path.read_text()).get("choices", {}) if path.is_file() else {}
+
+
+def merge(earlier: dict, later: dict) -> dict:
+    """choices[task][budget][arm]: `later` wins arm by arm, every other task, budget and arm kept."""
+    merged = json.loads(json.dumps(earlier))
+    for task, budgets in later.items():
+        for budget, arms in budgets.items():
+            merged.setdefault(task, {}).setdefault(budget, {}).update(arms)
+    return merged
+
+
+def write_choices(path: Path, args, data: dict, choices: dict) -> None:
+    """Merged into the file's earlier choices (other tasks and budgets kept), with what they were chosen under."""
     from ds_dynrank.rundir import write_json
 
-    out = Path(args.out)
-    write_json(out / "quality.json", {"config": vars(args), "table": table})
-    setup = f"Steps {args.max_steps}, seeds {args.seeds}, {args.nproc} processes."
-    lines = ["# Quality benchmark", "", setup, ""]
-    for task, rows in table.items():
-        header = (
-            "| method | accuracy (%) mean ± std | by seed | paired Δ to LoRA | adapter params allocated | "
-            "params training at the end | final rank budget |"
-        )
-        lines += [f"## {task}", "", header, "|---|---|---|---|---|---|---|"]
-        for method, r in rows.items():
-            paired = "–" if r["paired_to_lora"] is None else f"{r['paired_to_lora']:+.2f}"
-            by_seed = ", ".join(f"{v:.1f}" for v in r["by_seed"].values())
-            cells = [
-                f"{r['mean']:.2f} ± {r['std']:.2f}",
-                by_seed,
-                paired,
-                f"{r['trainable_parameters']:,}",
-                f"{r['active_parameters']:,.0f}",
-                r["final_budget"],
-            ]
-            lines.append(f"| {method} | " + " | ".join(str(c) for c in cells) + " |")
-        types = sorted({t for r in rows.values() for t in r["rank_by_type"]})
-        if types:
-            lines += [
-                "",
-                "Mean final rank per module type:",
-                "",
-                "| method | " + " | ".join(types) + " |",
-                "|---|" + "---|" * len(types),
-            ]
-            for method, r in rows.items():
-                lines.append(f"| {method} | " + " | ".join(f"{r['rank_by_type'].get(t, 0):.1f}" for t in types) + " |")
-        active = {m: r["active_share_by_type"] for m, r in rows.items() if r.get("active_share_by_type")}
-        if active:
-            types = sorted({t for a in active.values() for t in a})
-            lines += [
-                "",
-                "Module allocation: % of module-events each type trained:",
-                "",
-                "| method | " + " | ".join(types) + " |",
-                "|---|" + "---|" * len(types),
-            ]
-            for method, a in active.items():
-                lines.append(f"| {method} | " + " | ".join(f"{a.get(t, 0):.0f}" for t in types) + " |")
-        lines += ["", "Targets:", "", *(f"- {t}" for t in targets(rows)), ""]
-    (out / "quality.md").write_text("\n".join(lines))
-    plot(out / "quality.png", table)
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    merged = merge(previous.get("choices", {}), choices)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    protocol = {
+        "max_steps": args.max_steps,
+        "lrs": args.lrs,
+        "tune_seed": args.tune_seed,
+        "eval_samples": args.eval_samples,
+        "nproc": args.nproc,
+        "commit": commit,
+        "validation": {t: {k: v for k, v in d.items() if k != "template"} for t, d in data.items()},
+    }
+    write_json(path, {"protocol": {**previous.get("protocol", {}), **protocol}, "choices": merged})
 
 
-def plot(path: Path, table: dict) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.2 * max(1, len(table))), dpi=100)
-    for i, (task, rows) in enumerate(table.items()):
-        ax = fig.add_subplot(len(table), 1, i + 1)
-        names = list(rows)
-        ax.bar(names, [rows[m]["mean"] for m in names], yerr=[rows[m]["std"] for m in names], capsize=3)
-        low = min(rows[m]["mean"] - rows[m]["std"] for m in names)
-        ax.set_ylim(max(0, low - 3), 100)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(task)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "runs" / "quality"))
-    p.add_argument("--tasks", default=",".join(TASKS), help="mr, wiki-uncertainty, or a dataset path")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--max_steps", type=int, default=60)
-    p.add_argument("--eval_samples", type=int, default=0, help="held-out examples (0: the whole split)")
+    p.add_argument("--out", default=str(REPO / "runs" / "quality_sft"))
+    p.add_argument("--tasks", default="math,sharegpt", help="math, sharegpt, mr, wiki-uncertainty, or a dataset path")
+    p.add_argument("--budget", default="r1,r8", help="parameter budgets: r<rank>, comma-separated (r1, r2, r8)")
+    p.add_argument("--arms", "--methods", dest="arms", default=",".join(qa.HEADLINE), help=f"of {', '.join(qa.ARMS)}")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning-rate sweep (the job's default: 1e-3)")
+    p.add_argument("--phase", choices=("tune", "test", "all"), default="all")
+    p.add_argument("--seeds", default="0,1,2", help="test-phase seeds")
+    p.add_argument("--tune_seed", type=int, default=0)
+    p.add_argument("--choices", default=None, help="the tuning choices (default: <out>/tuning.json)")
+    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--eval_samples", type=int, default=300, help="held-out examples per evaluation (0: all)")
+    p.add_argument("--eval_generate", type=int, default=64, help="math: questions scored by exact match")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="what starts each run")
+    p.add_argument(
+        "--launcher",
+        choices=("deepspeed", "torchrun", "python"),
+        default="deepspeed",
+        help="what starts each run (python: one process, --nproc 1)",
+    )
+    p.add_argument(
+        "--reports", action=argparse.BooleanOptionalAction, default=True, help="each run's report/ (heatmaps)"
+    )
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--summarise_only", action="store_true", help="tabulate the finished runs; start none")
-    p.add_argument("--validation", action="store_true", help="train and score inside each task's training split")
-    args = p.parse_args()
-    methods = args.methods.split(",")
-    try:  # every method built and checked before the first run starts
-        built = {spec: method_config(spec, args.max_steps) for spec in methods}
-    except ValueError as err:  # UserInputError included: which method, which field
+    args = p.parse_args(argv)
+    if args.launcher == "python":
+        args.nproc = 1
+    args.arms = args.arms.split(",")
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.choices = Path(args.choices) if args.choices else Path(args.out) / "tuning.json"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.reused = 0
+    try:  # every arm, budget and trial built and checked before anything is written or run
+        tasks = dict(qa.task_for(t) for t in args.tasks.split(","))
+        budgets = {b: qa.parse_budget(b) for b in args.budget.split(",")}
+        for arm in args.arms:
+            qa.parse_arm(arm)
+        costs = model_costs(args.model)
+        args.ctxs = {b: qa.Ctx(r, args.max_steps, costs) for b, r in budgets.items()}
+        built = {b: {a: qa.trials(a, ctx, args.lrs) for a in args.arms} for b, ctx in args.ctxs.items()}
+        for b, arms in built.items():
+            for arm, settings in arms.items():
+                for s in settings:
+                    qa.build_config(arm, args.ctxs[b], s)
+        choices = read_choices(args.choices)
+        if args.phase == "test" and not args.summarise_only:
+            missing = [f"{t}/{b}/{a}" for t in tasks for b in budgets for a in args.arms
+                       if a not in choices.get(t, {}).get(b, {})]  # fmt: skip
+            if missing:
+                raise ValueError(f"--phase test: no tuning choice in {args.choices} for {', '.join(missing)}")
+    except ValueError as err:  # UserInputError included: which arm, which field
         print(f"error: {err}", file=sys.stderr)
         return 2
-    seeds = [int(s) for s in args.seeds.split(",")]
-    tasks, args.templates = args.tasks.split(","), {}
-    if args.validation:
-        args.templates = dict(validation_task(Path(args.out), task) for task in tasks)
-        tasks = list(args.templates)
-    results = {task: {m: {s: run_one(args, task, m, built[m], s) for s in seeds} for m in methods} for task in tasks}
-    write_outputs(args, summarise(args, results))
-    print(f"[quality] written {Path(args.out) / 'quality.md'}")
-    failed = any(r is None for t in results.values() for m in t.values() for r in m.values())
+    out = Path(args.out)
+    data = {label: prepare_data(out, label, task) for label, task in tasks.items()}
+    for label, task in tasks.items():
+        if task.kind == "classification":
+            from ds_dynrank.task.classification import task_template
+
+            data[label]["template"] = task_template(task.dataset)
+    runs = []
+    if args.phase in ("tune", "all"):
+        tuned, chosen = tune(args, tasks, data, built)
+        runs += tuned
+        if chosen and not args.summarise_only:
+            write_choices(args.choices, args, data, chosen)
+        # tabulating only: the file's choices (what the test runs were made with), else today's
+        choices = merge(chosen, read_choices(args.choices)) if args.summarise_only else read_choices(args.choices)
+    if args.phase in ("test", "all"):
+        runs += test(args, tasks, data, choices)
+    kinds = {a: qa.arm_kind(a) for a in args.arms}
+    tables = qt.summarise(runs, tasks, args.ctxs, kinds)
+    config = {k: v for k, v in vars(args).items() if k not in ("ctxs", "reused")}
+    config["choices"] = str(args.choices)
+    from ds_dynrank.rundir import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "quality.json", {"config": config, "data": data, "tables": tables})
+    (out / "quality.md").write_text(qt.markdown(config, tables))
+    qt.plot_pareto(out / "quality_pareto.png", tables)
+    qt.plot_ranks(out / "quality_ranks.png", tables)
+    print(f"[quality] {args.reused} finished runs reused; written {out / 'quality.md'}", flush=True)
+    failed = any(r.metrics is None for r in runs)
     return 1 if failed and not args.summarise_only else 0
 
 

@@ -1,6 +1,7 @@
-"""launch/quality.py, the quality benchmark's one command, on the tiny model: it runs each method (PEFT's AdaLoRA
-included) per seed, writes reports, tables (mean ± std, per seed, paired to LoRA, the targets) and a plot; a
-second call reuses finished runs, and --summarise_only tabulates without starting any."""
+"""launch/quality.py, the quality benchmark's one command, on the tiny chat model and SFT file: LoRA and L1RA at
+one parameter budget tuned over two learning rates on rows carved from the training split, then each arm's choice
+run on the held-out split; tables with the paired difference, two plots; a second call reuses every run. Six runs
+of about 15 s each, nearly all start-up: one test seed (the standard errors over seeds: tests/unit), one process."""
 
 from __future__ import annotations
 
@@ -10,114 +11,95 @@ import subprocess
 import pytest
 from helpers import PYTHON, REPO, subprocess_env
 
+ARMS = ("lora", "l1ra")
+LRS = ("1e-3", "3e-3")
 
-@pytest.mark.e2e
-def test_quality_benchmark_runs_and_aggregates(tiny_model_dir, tiny_csv, tmp_path):
-    out = tmp_path / "quality"
-    cmd = [
+
+def _quality(out, model, data, *extra: str) -> list[str]:
+    return [
         PYTHON,
         str(REPO / "launch" / "quality.py"),
         "--out",
         str(out),
         "--tasks",
-        str(tiny_csv),
-        "--methods",
-        "lora,modalloc-uniform,peft-adalora",
-        "--launcher",
-        "torchrun",
+        str(data),
+        "--budget",
+        "r2",
+        "--arms",
+        ",".join(ARMS),
+        "--lrs",
+        ",".join(LRS),
         "--seeds",
         "0",
         "--max_steps",
-        "6",
+        "3",
         "--eval_samples",
-        "16",
+        "0",
+        "--eval_generate",
+        "2",
+        "--launcher",
+        "python",  # one process: a launcher and a second process's imports would double each tiny run's time
+        "--no-reports",
         "--model",
-        str(tiny_model_dir),
+        str(model),
+        *extra,
     ]
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = json.loads((out / "quality.json").read_text())["table"][tiny_csv.stem]
-    assert set(table) == {"lora", "modalloc-uniform", "peft-adalora"}
-    assert all(row["seeds"] == 1 and 0 <= row["mean"] <= 100 for row in table.values())
-    shares = table["modalloc-uniform"]["active_share_by_type"]  # which module types module allocation trained
-    assert shares and all(0 <= v <= 100 for v in shares.values()) and not table["lora"]["active_share_by_type"]
-    assert (out / tiny_csv.stem / "lora" / "seed0" / "report" / "summary.md").is_file()
-    text = (out / "quality.md").read_text()
-    assert "± " in text and "Targets:" in text and "PEFT AdaLoRA" in text
-    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert table["lora"]["paired_to_lora"] is None and table["peft-adalora"]["paired_to_lora"] == pytest.approx(
-        table["peft-adalora"]["mean"] - table["lora"]["mean"]
-    )
-    again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "seed 0" not in again.stdout  # every run reused
-    summary = [*cmd[: cmd.index("--seeds")], "--seeds", "0,1", *cmd[cmd.index("--seeds") + 2 :], "--summarise_only"]
-    tabled = subprocess.run(summary, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert tabled.returncode == 0 and "seed 1" not in tabled.stdout, tabled.stdout[-2000:]  # nothing started
-    assert not (out / tiny_csv.stem / "lora" / "seed1").exists()
-    table = json.loads((out / "quality.json").read_text())["table"][tiny_csv.stem]
-    assert all(row["seeds"] == 1 and list(row["by_seed"]) == ["0"] for row in table.values())
-    assert "paired Δ to LoRA" in (out / "quality.md").read_text()
 
 
 @pytest.mark.e2e
-def test_quality_validation_sweep_never_reads_the_test_split(tiny_model_dir, tiny_csv, tmp_path):
-    """--validation trains and scores inside the training split; a method's overrides reach its config section."""
-    from ds_dynrank.task.classification import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
+def test_quality_tunes_on_training_rows_then_tests_the_choice(tiny_chat_model_dir, tiny_sft_jsonl, tmp_path):
+    from ds_dynrank.task.tables import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
 
-    out = tmp_path / "sweep"
-    cmd = [
-        PYTHON,
-        str(REPO / "launch" / "quality.py"),
-        "--out",
-        str(out),
-        "--tasks",
-        str(tiny_csv),
-        "--validation",
-        "--methods",
-        "l1ra+l1_lambda=0.05+gate_lr=0.2",
-        "--launcher",
-        "torchrun",
-        "--seeds",
-        "0",
-        "--max_steps",
-        "4",
-        "--eval_samples",
-        "0",
-        "--model",
-        str(tiny_model_dir),
-    ]
+    out, name = tmp_path / "quality", tiny_sft_jsonl.stem
+    cmd = _quality(out, tiny_chat_model_dir, tiny_sft_jsonl)
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    name = f"{tiny_csv.stem}-validation"
-    config = json.loads((out / "configs" / "l1ra+l1_lambda=0.05+gate_lr=0.2.json").read_text())["dynrank"]["l1ra"]
-    assert config["l1_lambda"] == 0.05 and config["gate_lr"] == 0.2
-    train, test = split_table(load_table(str(tiny_csv)), eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
-    carved_table = load_table(str(out / "validation" / f"{name}.csv"))
-    carved = carved_table["train"]
-    assert sorted(carved["text"]) == sorted(train["text"])  # the training rows, so none of the test rows
-    assert len(carved) + len(test) == len(load_table(str(tiny_csv))["train"])
-    metrics = json.loads((out / name / "l1ra+l1_lambda=0.05+gate_lr=0.2" / "seed0" / "metrics.json").read_text())
-    _, validation = split_table(carved_table, eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
-    assert metrics["eval_examples"] == len(validation)
-    assert metrics["eval_examples"] < len(train)
-    assert name in json.loads((out / "quality.json").read_text())["table"]
+    assert result.stdout.count("[quality] start") == len(ARMS) * (len(LRS) + 1)
 
+    # the validation file holds exactly the training rows; the test phase reads the same split's held-out rows
+    train, test = split_table(load_table(str(tiny_sft_jsonl)), eval_fraction=EVAL_FRACTION, split_seed=SPLIT_SEED)
+    carved = out / "data" / name / "validation.jsonl"
+    assert load_table(str(carved))["train"].to_list() == train.to_list()
+    held_out = load_table(str(out / "data" / name / "test-split"))
+    assert held_out["train"].to_list() == train.to_list() and held_out["test"].to_list() == test.to_list()
+    runs = out / name / "r2"
+    for arm in ARMS:
+        for trial in (runs / "tune" / arm).iterdir():
+            record = json.loads((trial / "seed0" / "quality_run.json").read_text())
+            assert record["command"][record["command"].index("--dataset") + 1] == str(carved)
+            metrics = json.loads((trial / "seed0" / "metrics.json").read_text())
+            assert metrics["eval_examples"] == round(EVAL_FRACTION * len(train))  # a quarter of the carved rows
 
-@pytest.mark.e2e
-def test_quality_rejects_a_bad_method_override_before_any_run(tmp_path):
-    """The command's side: exit 2 naming the field, nothing started (each bad spec: tests/unit)."""
-    cmd = [
-        PYTHON,
-        str(REPO / "launch" / "quality.py"),
-        "--out",
-        str(tmp_path),
-        "--methods",
-        "lora,l1ra+l1_lambda=-1",
-        "--launcher",
-        "torchrun",
-        "--seeds",
-        "0",
-    ]
-    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "l1_lambda" in result.stderr, result.stderr[-2000:]
-    assert not any(tmp_path.iterdir())  # the valid lora run did not start either: nothing written
+    # each arm's choice is the best validation trial, and the test phase runs it
+    choices = json.loads((out / "tuning.json").read_text())["choices"][name]["r2"]
+    for arm in ARMS:
+        choice = choices[arm]
+        assert choice["trial"] == min(choice["trials"], key=choice["trials"].get)
+        (trial,) = (runs / "test" / arm).iterdir()
+        assert trial.name == choice["trial"]
+        config = json.loads((trial / "ds_config.json").read_text())
+        assert config["optimizer"]["params"]["lr"] == choice["settings"]["lr"]
+        record = json.loads((trial / "seed0" / "quality_run.json").read_text())
+        assert record["command"][record["command"].index("--dataset") + 1] == str(out / "data" / name / "test-split")
+        assert json.loads((trial / "seed0" / "metrics.json").read_text())["eval_examples"] == len(test)
+
+    # equal parameters, the paired difference (its standard error needs two seeds), the cost, two plots
+    table = json.loads((out / "quality.json").read_text())["tables"][name]["r2"]
+    budget, tolerance = table["budget_parameters"], table["tolerance"]
+    assert tolerance < 0.1 * budget  # one rank of the widest module: 96 of 2,048 here
+    for arm in ARMS:
+        row = table["arms"][arm]
+        assert row["seeds"] == 1 and row["parameters"]["matched"]
+        assert all(abs(p - budget) <= tolerance for p in row["parameters"]["final_by_seed"])
+        assert row["cpu_hours"]["tune"] > 0 and row["cpu_hours"]["test"] > 0
+    loss, lora = (table["arms"][a]["metrics"]["eval_loss"] for a in ARMS[::-1])
+    assert loss["pairs"] == 1 and loss["delta"] == pytest.approx(loss["mean"] - lora["mean"])
+    assert loss["se"] is None and loss["claimed"] == "n/a"  # one pair claims nothing
+    text = (out / "quality.md").read_text()
+    assert "Δ to LoRA ± SE" in text and "beyond 2 SE" in text and "CPU-hours" in text and "Targets:" in text
+    for png in ("quality_pareto.png", "quality_ranks.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "[quality] start" not in again.stdout, again.stdout[-2000:]
+    assert f"{len(ARMS) * (len(LRS) + 1)} finished runs reused" in again.stdout

@@ -1,27 +1,72 @@
-"""launch/quality.py's method specs: `method+key=value` overrides reach the method's own section and are checked as
-the job checks its config, so a bad sweep stops before its first run."""
+"""launch/quality_arms.py, the quality benchmark's arms as data: every arm at every budget and trial builds a config
+the job accepts and holds the budget's parameters; the trials are as many as LoRA's, each learning rate and knob
+value once; `arm+key=value` overrides reach the method's own section; a bad spec is named before any run, and the
+command (in this process, on a config-only model) stops on one before writing anything. Shapes are SmolLM2-135M's,
+written out (no model loads)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
+import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, math_messages, tiny_llama_config, write_jsonl
 
-from ds_dynrank.config import from_ds_config
+sys.path.insert(0, str(REPO / "launch"))
 
-_spec = importlib.util.spec_from_file_location("quality", REPO / "launch" / "quality.py")
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
+import quality  # noqa: E402
+import quality_arms as qa  # noqa: E402
+import quality_tables as qt  # noqa: E402
+
+from ds_dynrank.config import from_ds_config  # noqa: E402
+
+SHAPES = {
+    "self_attn.q_proj": 1152,
+    "self_attn.k_proj": 768,
+    "self_attn.v_proj": 768,
+    "self_attn.o_proj": 1152,
+    "mlp.gate_proj": 2112,
+    "mlp.up_proj": 2112,
+    "mlp.down_proj": 2112,
+}
+COSTS = {f"model.layers.{i}.{n}": c for i in range(30) for n, c in SHAPES.items()}
+LRS = [3e-4, 1e-3, 3e-3]
 
 
-@pytest.mark.parametrize("method", quality.METHODS)
-def test_every_method_builds_a_config_the_job_accepts(method):
-    script, cfg = quality.method_config(method, 60)
-    assert (REPO / "launch" / script).is_file()
-    if method != "peft-adalora":  # the peer's launcher reads PEFT's own fields, not a dynrank section
-        assert from_ds_config(cfg).r == (12 if method == "adalora" else 8)
+@pytest.mark.parametrize("r", [1, 2, 8])
+@pytest.mark.parametrize("arm", list(qa.ARMS))
+def test_every_arm_builds_configs_the_job_accepts_at_the_budget(arm, r):
+    ctx = qa.Ctx(r, 300, COSTS)
+    trials = qa.trials(arm, ctx, LRS)
+    assert sorted(t["lr"] for t in trials) == LRS  # as many trials as LoRA's, each learning rate once
+    for name, values in qa.ARMS[arm].knobs(ctx).items():  # each knob value once (a Latin design)
+        assert sorted({t[name] for t in trials}) == sorted(set(values))
+    for settings in trials:
+        script, cfg = qa.build_config(arm, ctx, settings)
+        assert (REPO / "launch" / script).is_file()
+        assert cfg["optimizer"]["params"]["lr"] == settings["lr"] == cfg["scheduler"]["params"]["warmup_max_lr"]
+        start = qa.live_parameters(qa.start_ranks(arm, ctx, cfg), COSTS)
+        if arm in ("adalora", "peft-adalora"):  # PEFT's convention: start above the budget, prune to it
+            assert start > ctx.budget
+            continue
+        assert abs(start - ctx.budget) <= qa.tolerance(ctx), (arm, start, ctx.budget)
+        if qa.ARMS[arm].section == "dynrank":
+            section = from_ds_config(cfg)
+            assert section.budget.unit == ("params" if arm in ("l1ra", "alora", "gora", "random") else "rank")
+
+
+@pytest.mark.parametrize("r", [1, 2, 8])
+def test_the_mlp_heavy_pattern_moves_rank_from_attention_to_the_mlp_at_equal_parameters(r):
+    ctx = qa.Ctx(r, 300, COSTS)
+    _, cfg = qa.build_config("mlp-heavy", ctx, {"lr": 1e-3})
+    ranks = qa.initial_ranks(cfg["dynrank"], COSTS)
+    mlp = [ranks[n] for n in ranks if ".mlp." in n]
+    attention = [ranks.get(n, 0) for n in COSTS if ".self_attn." in n]
+    assert sum(mlp) / len(mlp) > r > max(attention) or (r == 1 and max(attention) == 0 and min(mlp) >= r)
+    assert max(mlp) - min(mlp) <= 1
+    assert 0 <= ctx.budget - qa.live_parameters(ranks, COSTS) < SHAPES["mlp.up_proj"]  # within one MLP rank below
+    scaling = {n: qa._pattern_value(n, cfg["dynrank"]["alpha_pattern"], 0) / rank for n, rank in ranks.items()}
+    assert set(scaling.values()) == {2.0}  # every module keeps LoRA's alpha / r
 
 
 @pytest.mark.parametrize(
@@ -32,9 +77,13 @@ def test_every_method_builds_a_config_the_job_accepts(method):
         ("alora+rounds=3", "alora", {"rounds": 3, "val_samples": 2}),
     ],
 )
-def test_overrides_reach_the_methods_own_section_and_keep_the_rest(spec, section, expected):
-    _, cfg = quality.method_config(spec, 60)
-    assert {k: cfg["dynrank"][section][k] for k in expected} == expected
+def test_overrides_reach_the_methods_own_section_and_stop_that_knob_being_tuned(spec, section, expected):
+    ctx = qa.Ctx(8, 300, COSTS)
+    trials = qa.trials(spec, ctx, LRS)
+    for settings in trials:
+        _, cfg = qa.build_config(spec, ctx, settings)
+        assert {k: cfg["dynrank"][section][k] for k in expected} == expected
+    assert not any(f"dynrank.{section}.{k}" in t for t in trials for k in expected)
 
 
 @pytest.mark.parametrize(
@@ -50,5 +99,91 @@ def test_overrides_reach_the_methods_own_section_and_keep_the_rest(spec, section
 )
 def test_a_bad_spec_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=re.escape(words[0])) as err:
-        quality.method_config(spec, 60)
+        qa.build_config(spec, qa.Ctx(8, 300, COSTS), {"lr": 1e-3})
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_paired_differences_are_claimed_only_beyond_two_standard_errors():
+    lora = {0: 1.0, 1: 1.1, 2: 0.9}
+    mean, se, pairs = qt.paired({0: 0.9, 1: 1.0, 2: 0.8}, lora)  # 0.1 lower on every seed
+    assert pairs == 3 and mean == pytest.approx(-0.1) and se == pytest.approx(0.0, abs=1e-12)
+    assert qt.claim(mean, se, lower_is_better=True) == "better"
+    assert qt.claim(mean, se, lower_is_better=False) == "worse"
+    mean, se, _ = qt.paired({0: 0.8, 1: 1.3, 2: 0.9}, lora)  # -0.2, +0.2, 0: inside two SE
+    assert qt.claim(mean, se, lower_is_better=True) == "no"
+    assert qt.claim(*qt.paired({0: 0.5}, lora)[:2], lower_is_better=True) == "n/a"  # one pair: no SE
+
+
+def _config_only_model(path):
+    """What the command reads of a model before any run: its config (the skeleton's shapes)."""
+    tiny_llama_config().save_pretrained(path)
+    return path
+
+
+def test_the_command_stops_on_a_bad_override_before_writing_anything(tmp_path):
+    model = _config_only_model(tmp_path / "model")
+    out = tmp_path / "out"
+    code = quality.main(["--out", str(out), "--arms", "lora,l1ra+l1_lambda=-1", "--model", str(model)])
+    assert code == 2 and not out.exists()  # the valid lora run did not start either
+
+
+def test_summarise_only_starts_nothing_and_still_writes_the_tables(tmp_path, capsys):
+    model, data = _config_only_model(tmp_path / "model"), write_jsonl(tmp_path / "chats.jsonl", math_messages(16))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--tasks", str(data), "--arms", "lora,gora", "--model", str(model), "--summarise_only"]
+    assert quality.main(argv) == 0
+    assert "[quality] start" not in capsys.readouterr().out
+    assert not (out / "chats").exists() and not (out / "tuning.json").exists()
+    assert "Protocol:" in (out / "quality.md").read_text() and (out / "quality_pareto.png").is_file()
+
+
+def test_the_random_control_takes_l1ras_schedule_budget_and_capacity():
+    ctx = qa.Ctx(1, 300, COSTS)
+    (_, random_cfg), (_, l1ra_cfg) = (qa.build_config(a, ctx, {"lr": 1e-3}) for a in ("random", "l1ra"))
+    control, method = from_ds_config(random_cfg), from_ds_config(l1ra_cfg)
+    assert control.method == "random" and method.method == "l1ra"
+    for field in ("schedule", "budget", "capacity", "r", "lora_alpha", "target_modules"):
+        assert getattr(control, field) == getattr(method, field), field
+    assert control.schedule.interval == 15  # L1RA's paper: 5% of the run
+    moves = {t["dynrank.random.moves"] for t in qa.trials("random", ctx, LRS)}
+    assert moves == {21, 52, 105}  # a tenth, a quarter and half of the 210 ranks at r1
+
+
+def test_module_allocation_tunes_its_strategy_beside_k():
+    ctx = qa.Ctx(8, 300, COSTS)
+    trials = qa.trials("modalloc", ctx, LRS)
+    assert {t["dynrank.modalloc.strategy"] for t in trials} == {"topk", "discounted", "multinomial"}
+    assert {t["dynrank.modalloc.k"] for t in trials} == {70, 105, 140}
+    for settings in trials:
+        section = from_ds_config(qa.build_config("modalloc", ctx, settings)[1]).modalloc
+        assert (section.strategy, section.k) == (settings["dynrank.modalloc.strategy"], settings["dynrank.modalloc.k"])
+
+
+def _runs(arm, values, ranks, active=None):
+    return [
+        qt.Run("math", "r1", "test", arm, "lr0.001", seed, {"eval_loss": v, "steps": 300,
+               **({"trainable_parameters_active": active} if active else {})}, 36.0, dict(ranks), dict(ranks))
+        for seed, v in enumerate(values)
+    ]  # fmt: skip
+
+
+def test_the_targets_weigh_the_best_method_against_the_controls_and_time_module_allocation():
+    ctx = qa.Ctx(1, 300, COSTS)
+    uniform, task = dict.fromkeys(COSTS, 1), qa.TASKS["math"]
+    runs = (
+        _runs("lora", [1.00, 1.10, 0.90], uniform)
+        + _runs("l1ra", [0.90, 1.00, 0.80], uniform)  # 0.1 below LoRA on every seed
+        + _runs("random", [0.95, 1.05, 0.85], uniform)  # l1ra 0.05 below it on every seed
+        + _runs("mlp-heavy", [0.80, 1.30, 0.90], uniform)  # l1ra's differences -0.1, +0.3, -0.1: inside 2 SE
+        + _runs("modalloc", [1.01, 1.09, 0.91], uniform, active=0.5 * ctx.budget)
+    )
+    kinds = {a: qa.arm_kind(a) for a in ("lora", "l1ra", "random", "mlp-heavy", "modalloc")}
+    kinds["modalloc"] = "static"  # l1ra alone is the dynamic method here
+    table = qt.summarise(runs, {"math": task}, {"r1": ctx}, kinds)["math"]["r1"]
+    verdicts = {target: status for target, status, _ in table["targets"]}
+    assert verdicts["a dynamic method better than tuned LoRA beyond 2 SE"] == "met"
+    assert verdicts["the best dynamic method (l1ra) better than random beyond 2 SE"] == "met"
+    assert verdicts["the best dynamic method (l1ra) better than mlp-heavy beyond 2 SE"] == "missed"
+    modalloc = "modalloc not worse than tuned LoRA beyond 2 SE, training at most 0.6 x its parameters"
+    assert verdicts[modalloc] == "met"
+    assert table["cpu_hours"]["test"] == pytest.approx(15 * 36 / 3600)
