@@ -149,8 +149,9 @@ def command(args, job: Job, config_path: Path, out: Path, task: qa.Task, templat
     cmd = [*launcher, str(REPO / "launch" / job.script), "--deepspeed", str(config_path), "--task", task.kind]
     cmd += ["--dataset", job.dataset, "--seed", str(job.seed), "--max_steps", str(args.max_steps)]
     cmd += ["--eval_interval", "0", "--eval_samples", str(args.eval_samples), "--output_dir", str(out)]
-    if task.kind == "sft":
-        cmd += ["--eval_generate", str(args.eval_generate if "exact_match" in task.also else 0)]
+    if task.kind == "sft":  # a tuning choice reads the headline alone: its runs generate no answers
+        generate = args.eval_generate if "exact_match" in task.also and job.phase == "test" else 0
+        cmd += ["--eval_generate", str(generate)]
     if args.model:
         cmd += ["--model", args.model]
     if template:
@@ -298,7 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--choices", default=None, help="the tuning choices (default: <out>/tuning.json)")
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--eval_samples", type=int, default=300, help="held-out examples per evaluation (0: all)")
-    p.add_argument("--eval_generate", type=int, default=64, help="math: questions scored by exact match")
+    p.add_argument("--eval_generate", type=int, default=64, help="math: questions scored by exact match (test phase)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument(
         "--launcher",

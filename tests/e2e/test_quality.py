@@ -67,6 +67,8 @@ def test_quality_tunes_on_training_rows_then_tests_the_choice(tiny_chat_model_di
         for trial in (runs / "tune" / arm).iterdir():
             record = json.loads((trial / "seed0" / "quality_run.json").read_text())
             assert record["command"][record["command"].index("--dataset") + 1] == str(carved)
+            assert record["command"][record["command"].index("--eval_generate") + 1] == "0"  # the headline only
+            assert record["cpu_seconds"] > 0
             metrics = json.loads((trial / "seed0" / "metrics.json").read_text())
             assert metrics["eval_examples"] == round(EVAL_FRACTION * len(train))  # a quarter of the carved rows
 
@@ -81,6 +83,7 @@ def test_quality_tunes_on_training_rows_then_tests_the_choice(tiny_chat_model_di
         assert config["optimizer"]["params"]["lr"] == choice["settings"]["lr"]
         record = json.loads((trial / "seed0" / "quality_run.json").read_text())
         assert record["command"][record["command"].index("--dataset") + 1] == str(out / "data" / name / "test-split")
+        assert record["command"][record["command"].index("--eval_generate") + 1] == "2"  # exact match reported
         assert json.loads((trial / "seed0" / "metrics.json").read_text())["eval_examples"] == len(test)
 
     # equal parameters, the paired difference (its standard error needs two seeds), the cost, two plots
