@@ -1,10 +1,12 @@
 """Preemption: a cluster ends a job with SIGTERM (SLURM's time limit, `scancel`, a launcher passing on its own
 SIGTERM) or warns it first with the signal the job asked for (`--signal=USR1@120`), to one process or to all of them.
 
-The handler only records the signal. Every rank learns of it at the next optimizer-step boundary through one
-collective (`StopRequest.agreed`), so no rank stops mid-collective or mid-event, and the job checkpoints that step,
-commits `latest` and exits with `EXIT_PREEMPTED`. A second signal while the checkpoint is written changes nothing:
-the save goes on, and `latest` is committed only after every rank has written (SIGKILL then leaves the previous one).
+The handler only records the signal. It loads no torch, so the job installs it first of all: a warning that comes
+while the process is still importing or loading the model is kept and honoured at the first step. Every rank learns
+of it at the next optimizer-step boundary through one collective (`StopRequest.agreed`), so no rank stops mid-
+collective or mid-event, and the job checkpoints that step, commits `latest` and exits with `EXIT_PREEMPTED`. A
+second signal while the checkpoint is written changes nothing: the save goes on, and `latest` is committed only
+after every rank has written (SIGKILL then leaves the previous one).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import signal
 import threading
 
-from ds_dynrank import dist
 from ds_dynrank.errors import EXIT_PREEMPTED, Preempted
 
 __all__ = ["EXIT_PREEMPTED", "SIGNALS", "Preempted", "StopRequest"]
@@ -49,6 +50,8 @@ class StopRequest:
 
     def agreed(self, device=None) -> list[int]:
         """Collective, at an optimizer-step boundary on every rank: the ranks that were signalled (empty: go on)."""
+        from ds_dynrank import dist
+
         return (
             dist.ranks_where(self.signum is not None, device=device)
             if dist.is_initialized()

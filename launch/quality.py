@@ -207,6 +207,12 @@ def run_one(args, job: Job, task: qa.Task, template: str | None) -> qt.Run:
     return result
 
 
+def best(trials: list[tuple[float, dict, str]], lower_is_better: bool) -> tuple[float, dict, str]:
+    """The best of (headline value, settings, label) trials; on a tie, the first."""
+    sign = 1 if lower_is_better else -1
+    return min(trials, key=lambda t: sign * t[0])
+
+
 def tune(args, tasks, data, built) -> tuple[list[qt.Run], dict]:
     """Every arm's trials on the validation split at --tune_seed; each arm's best by the task's headline."""
     runs, choices = [], {}
@@ -223,8 +229,7 @@ def tune(args, tasks, data, built) -> tuple[list[qt.Run], dict]:
                     if run.metrics and task.headline in run.metrics:
                         trials.append((run.metrics[task.headline], settings, run.trial))
                 if trials:
-                    sign = 1 if task.lower_is_better else -1
-                    value, settings, trial = min(trials, key=lambda t: sign * t[0])  # ties: the first trial
+                    value, settings, trial = best(trials, task.lower_is_better)
                     choices.setdefault(label, {}).setdefault(budget, {})[arm] = {
                         "trial": trial,
                         "settings": settings,

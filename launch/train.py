@@ -15,6 +15,7 @@ optimizer steps and at the end. `dynrank.engine` is read at every use: the physi
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -61,10 +62,10 @@ def check_inputs(args):
     return ds_config, cfg, data, resume, validation
 
 
-def train(args) -> dict:
+def train(args, stop=None) -> dict:
     from ds_dynrank.preemption import StopRequest
 
-    stop = StopRequest().install()  # SIGTERM / SIGUSR1 from here on are a request to stop at a step boundary
+    stop = stop or StopRequest().install()  # SIGTERM / SIGUSR1 from here on: a request to stop at a step boundary
     try:
         return train_loop(args, stop)
     finally:
@@ -253,4 +254,7 @@ def train_loop(args, stop) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(train, None, __doc__.split("\n\n")[0]))
+    from ds_dynrank.preemption import StopRequest
+
+    early = StopRequest().install()  # before torch loads: a stop signalled during start-up is kept for step 1
+    sys.exit(run_main(functools.partial(train, stop=early), None, __doc__.split("\n\n")[0]))

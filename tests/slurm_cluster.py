@@ -127,8 +127,11 @@ class Cluster:
             time.sleep(0.5)
         raise RuntimeError(f"nodes not idle after {timeout:.0f} s: {out!r}\n{self.logs()}")
 
-    def submit(self, script: Path, args: list[str], *, env: dict[str, str], cwd: Path, output: Path) -> str:
-        cmd = ["sbatch", "--parsable", f"--output={output}", "--export=ALL", str(script), *args]
+    def submit(
+        self, script: Path, args: list[str], *, env: dict[str, str], cwd: Path, output: Path, options: tuple = ()
+    ) -> str:
+        """sbatch `script` with `args`; `options` are sbatch's own (they win over the script's #SBATCH lines)."""
+        cmd = ["sbatch", "--parsable", f"--output={output}", "--export=ALL", *options, str(script), *args]
         result = subprocess.run(
             cmd, env={**env, "SLURM_CONF": str(self.conf)}, cwd=cwd, capture_output=True, text=True, timeout=60
         )

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
-from helpers import PYTHON, REPO, free_port, subprocess_env, two_processes
+from helpers import L1RA_STEPS, PYTHON, REPO, free_port, subprocess_env, two_processes
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -31,15 +32,22 @@ def poisoned_copy(model_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_csv, tmp_path):
-    out, env = tmp_path / "run", subprocess_env()
+def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir, tiny_csv, tmp_path, l1ra_run
+):
+    """From a copy of the shared uninterrupted L1RA run (12 steps, its last checkpoint at 12): resumed on a poisoned
+    copy of the model, step 13's loss is NaN on both ranks, nothing is applied or written; resumed on the good
+    model, the same checkpoint loads and training goes on."""
+    cfg, whole = l1ra_run("zero2_l1ra.json")
+    out, env, more = tmp_path / "run", subprocess_env(), str(L1RA_STEPS + 2)
+    shutil.copytree(whole, out)
 
-    def run(model, *extra):
+    def run(model):
         cmd = [
             *two_processes(),
             TRAIN,
             "--deepspeed",
-            str(REPO / "ds_configs" / "zero2_l1ra.json"),
+            cfg,
             "--model",
             str(model),
             "--dataset",
@@ -47,7 +55,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny_
             "--task",
             "classification",
             "--max_steps",
-            "6",
+            more,
             "--eval_interval",
             "0",
             "--eval_samples",
@@ -56,23 +64,22 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny_
             "2",
             "--output_dir",
             str(out),
-            *extra,
+            "--resume",
         ]
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
-    first = run(tiny_model_dir, "--max_steps", "4")
-    assert first.returncode == 0, first.stderr[-3000:]
     latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == f"step{L1RA_STEPS}"
     files = sorted(p.name for p in (out / "checkpoints" / latest).iterdir())
-    bad = run(poisoned_copy(tiny_model_dir, tmp_path), "--resume")
+    bad = run(poisoned_copy(tiny_model_dir, tmp_path))
     assert bad.returncode != 0
-    assert "loss is not finite (NaN or Inf) on rank(s) [0, 1] at optimizer step 5" in bad.stderr
+    assert f"loss is not finite (NaN or Inf) on rank(s) [0, 1] at optimizer step {L1RA_STEPS + 1}" in bad.stderr
     assert f"Last good checkpoint: {out / 'checkpoints'}/{latest}" in bad.stderr
     assert (out / "checkpoints" / "latest").read_text() == latest  # nothing written over
     assert sorted(p.name for p in (out / "checkpoints" / latest).iterdir()) == files
-    good = run(tiny_model_dir, "--resume")  # the last good checkpoint still loads and training goes on
+    good = run(tiny_model_dir)  # the last good checkpoint still loads and training goes on
     assert good.returncode == 0, good.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    assert json.loads((out / "metrics.json").read_text())["steps"] == L1RA_STEPS + 2
 
 
 @pytest.mark.e2e

@@ -17,6 +17,8 @@ from slurm_cluster import Cluster, install_packages
 from test_resume import _history as _history_of
 from test_resume import assert_continues_exactly
 
+from ds_dynrank import holds
+
 TRAIN = str(REPO / "launch" / "train.py")
 CHECKSUM = re.compile(r"allocation checksum ([0-9a-f]{16}) \(rank (\d+)\)")
 
@@ -105,23 +107,26 @@ def _held(cluster, job: str, log: Path, marker: Path, ranks: int = 2, timeout: f
 
 
 @pytest.mark.e2e
-def test_sbatch_two_nodes_warned_requeued_and_resumed_exactly(cluster, tiny_model_dir, tiny_csv, tmp_path, l1ra_run):
-    """launch/slurm/train.sbatch, 2 nodes x 1 task, L1RA. SLURM's warning signal reaches the batch script at step 5
-    (`scancel --batch --signal=USR1`: what `#SBATCH --signal=B:USR1@120` sends before the time limit); the script
-    passes it to both tasks through srun, they checkpoint step 5 and exit 75, the job requeues itself (`scontrol
-    requeue`), and a second start of the same command continues from the checkpoint (`--resume auto`): the
-    allocation history, every step's loss and the
-    final metric equal the uninterrupted 2-process run's, and both nodes end with the same allocation."""
+def test_sbatch_two_nodes_warned_by_the_time_limit_requeued_and_resumed_exactly(
+    cluster, tiny_model_dir, tiny_csv, tmp_path, l1ra_run
+):
+    """launch/slurm/train.sbatch, 2 nodes x 1 task, L1RA, under a real 1-minute time limit with the shipped kind of
+    warning (`--signal=B:USR1@20`; the script's own is @120): SLURM itself warns the batch script, at most 40 s in
+    (the warning time plus its 30 s check period before the limit), while the tasks hold at step 5 so the run cannot
+    end first. The script passes the warning to both tasks through srun; they checkpoint the step they are at and
+    exit 75, the job requeues itself (`scontrol requeue`) before the limit, and a second start of the same command
+    continues from the checkpoint (`--resume auto`): the allocation history, every step's loss and the final metric
+    equal the uninterrupted 2-process run's, and both nodes end with the same allocation."""
     cfg, whole = l1ra_run("zero2_l1ra.json")
     out, log, marker = tmp_path / "run", tmp_path / "job.out", tmp_path / "held"
     env = _held_job_env("step:5", marker)
     args = l1ra_command(cfg, tiny_model_dir, tiny_csv, out, launcher=[])[1:]  # the same job; srun starts the ranks
-    job = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
-    _held(cluster, job, log, marker)
-    cluster.signal(job, "USR1", batch=True)
-    deadline = time.time() + 120  # the first attempt: checkpoint, exit 75, `scontrol requeue`
-    while "requeueing job" not in log.read_text():
-        assert time.time() < deadline, log.read_text()[-3000:]
+    limit = ("--time=1", "--signal=B:USR1@20")
+    script = REPO / "launch" / "slurm" / "train.sbatch"
+    job = cluster.submit(script, args, env=env, cwd=tmp_path, output=log, options=limit)
+    deadline = time.time() + 150  # the first attempt: warned, checkpoint, exit 75, `scontrol requeue`
+    while "requeueing job" not in (text := log.read_text() if log.exists() else ""):
+        assert time.time() < deadline, f"{cluster.fields(job)}\n{text[-3000:]}"
         time.sleep(0.5)
     # Slurm holds a requeued job back for a while before it starts again (BeginTime); rather than wait for that
     # here, cancel it and submit the same command again: the second start is what the requeued one would run
@@ -131,8 +136,12 @@ def test_sbatch_two_nodes_warned_requeued_and_resumed_exactly(cluster, tiny_mode
     text = log.read_text()
     assert "[slurm] warning signal" in text, text[-3000:]
     assert re.search(r"stopped: a stop signal reached rank\(s\) \[[01, ]+\] \(SIGUSR1 here\)", text), text[-3000:]
-    assert (out / "checkpoints" / "latest").read_text() == "step5"
-    again = cluster.submit(REPO / "launch" / "slurm" / "train.sbatch", args, env=env, cwd=tmp_path, output=log)
+    assert "DUE TO TIME LIMIT" not in text, text[-3000:]  # warned and gone before the limit
+    stopped = re.search(r"checkpoint \S+ is committed at step (\d+)", text)
+    assert stopped and 1 <= int(stopped[1]) <= 5, text[-3000:]  # wherever the warning found it, held at 5 at most
+    assert (out / "checkpoints" / "latest").read_text() == f"step{stopped[1]}"
+    unheld = {k: v for k, v in env.items() if k not in (holds.HOLD, holds.HOLD_FILE)}  # it may resume before 5
+    again = cluster.submit(script, args, env=unheld, cwd=tmp_path, output=log)
     fields = cluster.wait(again, timeout=240)
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{text[-5000:]}"

@@ -9,6 +9,7 @@ import signal
 import stat
 
 import pytest
+from helpers import REPO
 
 from ds_dynrank import holds
 from ds_dynrank.preemption import StopRequest
@@ -58,3 +59,22 @@ def test_written_files_and_directories_follow_the_umask(tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "a.json") == mode(tmp_path / "latest") == 0o664
     assert mode(built) == mode(built / "inner") == 0o775 and mode(built / "inner" / "weights") == 0o664
+
+
+def test_the_handler_installs_before_torch_loads(tmp_path):
+    """launch/train.py installs it first of all, so a warning during imports or model loading is not fatal."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "from ds_dynrank.preemption import StopRequest\n"
+        "stop = StopRequest().install()\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "assert 'torch' not in sys.modules and stop.name == 'SIGUSR1', sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    train = (REPO / "launch" / "train.py").read_text()
+    main = train[train.index('if __name__ == "__main__":') :]
+    assert main.index("StopRequest().install()") < main.index("run_main(")  # and run_main is what loads torch

@@ -187,3 +187,9 @@ def test_the_targets_weigh_the_best_method_against_the_controls_and_time_module_
     modalloc = "modalloc not worse than tuned LoRA beyond 2 SE, training at most 0.6 x its parameters"
     assert verdicts[modalloc] == "met"
     assert table["cpu_hours"]["test"] == pytest.approx(15 * 36 / 3600)
+
+
+def test_the_choice_is_the_best_trial_by_the_headline_and_the_first_on_a_tie():
+    trials = [(0.9, {"lr": 1e-3}, "a"), (0.5, {"lr": 3e-3}, "b"), (0.5, {"lr": 3e-4}, "c"), (0.7, {}, "d")]
+    assert quality.best(trials, lower_is_better=True)[2] == "b"
+    assert quality.best(trials, lower_is_better=False)[2] == "a"
