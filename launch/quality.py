@@ -258,6 +258,26 @@ def test(args, tasks, data, choices) -> list[qt.Run]:
 
 # -------------------------------------------------------------------------------------------------------- main
 
+RESULT_FILES = ("metrics.json", "allocation.json", "allocation_history.json", RUN_RECORD, "ds_config.json")
+SUMMARY_FILES = ("quality.json", "quality.md", "quality_pareto.png", "quality_ranks.png")
+
+
+def publish(out: Path, results: Path, choices: Path) -> int:
+    """Copy what a reader of the tables needs, and nothing a run can rebuild (checkpoints, adapters, TensorBoard),
+    from `out` to `results` in the same layout; returns the number of files copied."""
+    import shutil
+
+    copied = 0
+    wanted = [out / name for name in SUMMARY_FILES] + [choices]
+    wanted += [p for name in RESULT_FILES for p in out.glob(f"*/*/*/*/*/**/{name}")]
+    for source in wanted:
+        if source.is_file() and "checkpoints" not in source.parts:
+            target = results / (source.name if source in (choices,) else source.relative_to(out))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            copied += 1
+    return copied
+
 
 def read_choices(path: Path) -> dict:
     return json.loads(path.read_text()).get("choices", {}) if path.is_file() else {}
@@ -317,6 +337,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--summarise_only", action="store_true", help="tabulate the finished runs; start none")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="also copy the tables, plots, choices and every finished run's small files (metrics, allocation, "
+        "history, config, cost; no checkpoints or adapters) here, in the same layout: the directory to commit",
+    )
     args = p.parse_args(argv)
     if args.launcher == "python":
         args.nproc = 1
@@ -379,6 +405,9 @@ def main(argv=None) -> int:
     (out / "quality.md").write_text(qt.markdown(config, tables))
     qt.plot_pareto(out / "quality_pareto.png", tables)
     qt.plot_ranks(out / "quality_ranks.png", tables)
+    if args.results:
+        published = publish(out, Path(args.results), args.choices)
+        print(f"[quality] {published} files copied to {args.results}", flush=True)
     print(f"[quality] {args.reused} finished runs reused; written {out / 'quality.md'}", flush=True)
     failed = any(r.metrics is None for r in runs)
     return 1 if failed and not args.summarise_only else 0

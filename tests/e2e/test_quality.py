@@ -51,8 +51,8 @@ def _quality(out, model, data, *extra: str) -> list[str]:
 def test_quality_tunes_on_training_rows_then_tests_the_choice(tiny_chat_model_dir, tiny_sft_jsonl, tmp_path):
     from ds_dynrank.task.tables import EVAL_FRACTION, SPLIT_SEED, load_table, split_table
 
-    out, name = tmp_path / "quality", tiny_sft_jsonl.stem
-    cmd = _quality(out, tiny_chat_model_dir, tiny_sft_jsonl)
+    out, name, results = tmp_path / "quality", tiny_sft_jsonl.stem, tmp_path / "results"
+    cmd = _quality(out, tiny_chat_model_dir, tiny_sft_jsonl, "--results", str(results))
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("[quality] start") == len(ARMS) * (len(LRS) + 1)
@@ -103,6 +103,17 @@ def test_quality_tunes_on_training_rows_then_tests_the_choice(tiny_chat_model_di
     assert "Δ to LoRA ± SE" in text and "beyond 2 SE" in text and "CPU-hours" in text and "Targets:" in text
     for png in ("quality_pareto.png", "quality_ranks.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # what is committed: the tables, plots and choices, and each run's small files, in the same layout
+    runs_done = sorted(p.parent.relative_to(out) for p in out.rglob("metrics.json"))
+    assert len(runs_done) == len(ARMS) * (len(LRS) + 1)
+    assert sorted(p.parent.relative_to(results) for p in results.rglob("metrics.json")) == runs_done
+    for run in runs_done:
+        assert {"allocation.json", "quality_run.json"} <= {p.name for p in (results / run).iterdir()}
+        assert (results / run.parent / "ds_config.json").is_file()
+    assert (results / "tuning.json").read_text() == (out / "tuning.json").read_text()
+    assert (results / "quality.md").is_file() and (results / "quality_pareto.png").is_file()
+    assert not any(p.name in ("checkpoints", "adapter", "tensorboard") for p in results.rglob("*"))
 
     again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "[quality] start" not in again.stdout, again.stdout[-2000:]
