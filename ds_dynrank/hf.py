@@ -53,12 +53,7 @@ class DynRankCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        engine = trainer.model_wrapped
-        if not hasattr(engine, "zero_optimization_stage"):
-            raise UserInputError(
-                "dynrank: the trainer runs without DeepSpeed; give TrainingArguments(deepspeed=...) or launch with "
-                "an accelerate config that has a DeepSpeed plugin"
-            )
+        engine = trainer.model_wrapped  # a DeepSpeed engine: deepspeed_config_of() refused the trainer otherwise
         if self.setup.backend.swaps_engine:  # rebuild the engine as accelerate built it: Trainer's optimizer
             plugin = trainer.accelerator.state.deepspeed_plugin
             self.setup.backend.rebuild_with(plugin.deepspeed_config, trainer.new_optimizer)
