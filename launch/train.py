@@ -16,6 +16,7 @@ optimizer steps and at the end. `dynrank.engine` is read at every use: the physi
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,13 +64,18 @@ def check_inputs(args):
 
 
 def train(args, stop=None) -> dict:
-    from ds_dynrank.preemption import StopRequest
+    from ds_dynrank.preemption import Preempted, StopRequest
 
     stop = stop or StopRequest().install()  # SIGTERM / SIGUSR1 from here on: a request to stop at a step boundary
     try:
-        return train_loop(args, stop)
-    finally:
+        result = train_loop(args, stop)
+    except Preempted:  # the handlers stay while the process exits 75: a launcher that sees a first rank leave
+        raise  # SIGTERMs the rest (srun --kill-on-bad-exit, torchrun), which must still exit 75, not die of it
+    except BaseException:
         stop.uninstall()
+        raise
+    stop.uninstall()
+    return result
 
 
 def train_loop(args, stop) -> dict:
@@ -254,7 +260,12 @@ def train_loop(args, stop) -> dict:
 
 
 if __name__ == "__main__":
-    from ds_dynrank.preemption import StopRequest
+    from ds_dynrank.preemption import EXIT_PREEMPTED, StopRequest
 
     early = StopRequest().install()  # before torch loads: a stop signalled during start-up is kept for step 1
-    sys.exit(run_main(functools.partial(train, stop=early), None, __doc__.split("\n\n")[0]))
+    code = run_main(functools.partial(train, stop=early), None, __doc__.split("\n\n")[0])
+    if code == EXIT_PREEMPTED:  # the checkpoint is committed and the logs flushed: leave now, before Python's
+        sys.stdout.flush()  # shutdown restores SIGTERM's default action, so a launcher that stops the other ranks
+        sys.stderr.flush()  # when the first one leaves (srun --kill-on-bad-exit, torchrun) gets 75 from each
+        os._exit(code)
+    sys.exit(code)

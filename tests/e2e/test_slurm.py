@@ -171,20 +171,23 @@ def test_plain_scancel_checkpoints_and_ends_without_requeue(cluster, tiny_model_
 
 
 @pytest.mark.e2e
-def test_srun_mpi_pmix_two_nodes(cluster, tiny_model_dir, tiny_csv, tmp_path):
-    """launch/slurm/mpi.sbatch: `srun --mpi=pmix` across the two nodes, ranks read from SLURM's environment."""
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    env = subprocess_env(
-        PYTHON=PYTHON, DS_DYNRANK_REPO=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
+def test_srun_mpi_pmix_two_nodes_stopped_by_scancel_signal_usr1(cluster, tiny_model_dir, tiny_csv, tmp_path):
+    """launch/slurm/mpi.sbatch: `srun --mpi=pmix` across the two nodes, ranks read from SLURM's environment; held at
+    step 3, `scancel --signal=USR1` (to the job's tasks, not the batch script): both tasks checkpoint step 3 and
+    exit 75, and the job, not warned itself, ends without requeueing, its progress kept for the next sbatch."""
+    out, log, marker = tmp_path / "run", tmp_path / "job.out", tmp_path / "held"
+    env = _held_job_env("step:3", marker)
     args = _train_args(str(REPO / "ds_configs" / "zero2.json"), tiny_model_dir, tiny_csv, out, steps=4)
     job = cluster.submit(REPO / "launch" / "slurm" / "mpi.sbatch", args, env=env, cwd=tmp_path, output=log)
-    fields = cluster.wait(job, timeout=240)
+    _held(cluster, job, log, marker)
+    cluster.signal(job, "USR1")
+    fields = cluster.wait(job, timeout=120)
+    cluster.wait_idle(timeout=90)
     text = log.read_text()
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{text[-5000:]}"
-    sums = _checksums(text)
-    assert sorted(sums) == [0, 1] and sums[0] == sums[1], text[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "75:0", "0"), f"{fields}\n{text}"
+    assert re.search(r"stopped: a stop signal reached rank\(s\) \[0, 1\] \(SIGUSR1 here\)", text), text[-3000:]
+    assert "[slurm] warning signal" not in text  # the tasks got it, not the batch script
+    assert (out / "checkpoints" / "latest").read_text() == "step3" and not (out / "metrics.json").exists()
 
 
 @pytest.mark.e2e
