@@ -269,7 +269,8 @@ def publish(out: Path, results: Path, choices: Path) -> int:
 
     copied = 0
     wanted = [out / name for name in SUMMARY_FILES] + [choices]
-    wanted += [p for name in RESULT_FILES for p in out.glob(f"*/*/*/*/*/**/{name}")]
+    for done in out.glob("*/*/*/*/*/seed*/metrics.json"):  # finished runs only: one in progress is left out
+        wanted += [done.parent / name for name in RESULT_FILES] + [done.parent.parent / "ds_config.json"]
     for source in wanted:
         if source.is_file() and "checkpoints" not in source.parts:
             target = results / (source.name if source in (choices,) else source.relative_to(out))
