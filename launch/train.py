@@ -63,11 +63,10 @@ def check_inputs(args):
     return ds_config, cfg, data, resume, validation
 
 
-def train(args, stop) -> dict:
-    """`stop`: the StopRequest installed first of all (below): SIGTERM / SIGUSR1 are a request to stop at a step
-    boundary."""
-    from ds_dynrank.preemption import Preempted
+def train(args, stop=None) -> dict:
+    from ds_dynrank.preemption import Preempted, StopRequest
 
+    stop = stop or StopRequest().install()  # SIGTERM / SIGUSR1 from here on: a request to stop at a step boundary
     try:
         result = train_loop(args, stop)
     except Preempted:  # the handlers stay while the process exits 75: a launcher that sees a first rank leave
