@@ -106,6 +106,15 @@ def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     return out
 
 
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable `obj`, in rank order (small records only: it pickles through a byte tensor)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * dscomm.get_world_size(group)
+    dscomm.all_gather_object(out, obj, group=group)
+    return out
+
+
 def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     if world_size() > 1:
         dscomm.broadcast(t, src=src, group=group)

@@ -3,6 +3,7 @@ project spells these names. Writes are atomic (temp file + rename): readers see 
 files get the modes the user's umask gives.
 
     metrics.json             the run's results (written by the job at the end)
+    predictions.jsonl        SFT with exact match: each held-out question's greedy answer at the final evaluation
     allocation.json          {module: live rank}, the latest allocation
     allocation_history.json  the initial allocation, then one entry per re-allocation event
     adapter/                 the trained adapters as a stock PEFT LoRA directory
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS = "metrics.json"
+PREDICTIONS = "predictions.jsonl"
 ALLOCATION = "allocation.json"
 HISTORY = "allocation_history.json"
 ADAPTER = "adapter"
@@ -88,11 +90,16 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.metrics, self.allocation, self.history = (self.path / n for n in (METRICS, ALLOCATION, HISTORY))
+        self.predictions = self.path / PREDICTIONS
         self.adapter, self.checkpoints = self.path / ADAPTER, self.path / CHECKPOINTS
         self.tensorboard, self.report = self.path / TENSORBOARD, self.path / REPORT
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics, metrics)
+
+    def write_predictions(self, answers: list[dict]) -> None:
+        """One JSON object per line, in example order (`sft_eval.greedy_answers`' records)."""
+        write_text(self.predictions, "".join(json.dumps(a) + "\n" for a in answers))
 
     def write_allocation(self, history: list[dict]) -> None:
         """The whole history and, beside it, its latest ranks."""

@@ -258,7 +258,9 @@ def test(args, tasks, data, choices) -> list[qt.Run]:
 
 # -------------------------------------------------------------------------------------------------------- main
 
-RESULT_FILES = ("metrics.json", "allocation.json", "allocation_history.json", RUN_RECORD, "ds_config.json")
+RESULT_FILES = (  # predictions.jsonl: the test runs' answers, so an exact-match number can be checked by question
+    "metrics.json", "predictions.jsonl", "allocation.json", "allocation_history.json", RUN_RECORD, "ds_config.json"
+)  # fmt: skip
 SUMMARY_FILES = ("quality.json", "quality.md", "quality_pareto.png", "quality_ranks.png")
 
 

@@ -247,7 +247,7 @@ def train_loop(args, stop) -> dict:
     }
     dynrank.export_adapter(run.adapter, base_model=base_model)  # collective
     if dist.is_main():
-        run.write_metrics(metrics)
+        job.write_results(run, data, metrics)
         print(
             f"{job.summary(data, baseline, final)} after {dynrank.engine.global_steps} steps in {wall:.0f} s; "
             f"outputs in {run.path}",

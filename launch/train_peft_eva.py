@@ -244,7 +244,7 @@ def train(args) -> dict:
         },
     )
     if dist.is_main():
-        run.write_metrics(metrics)
+        job.write_results(run, data, metrics)
         run.write_ranks(ranks)
         print(
             f"{job.summary(data, baseline, final)} after {engine.global_steps} steps; EVA's rank budget "

@@ -12,7 +12,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -181,6 +181,7 @@ class JobData:
     headline: str
     eval_examples: int
     pack: Callable[[list], tuple[list, Callable[[list], dict]]] | None = None
+    answers: list[dict] = field(default_factory=list)  # SFT exact match: the latest evaluation's greedy answers
 
     def training_items(self) -> tuple[list, Callable[[list], dict]]:
         """What the loader draws from and how it collates: packed rows, or the examples themselves."""
@@ -218,7 +219,7 @@ def _build_classification(args: argparse.Namespace, tokenizer) -> JobData:
 
 def _build_sft(args: argparse.Namespace, tokenizer) -> JobData:
     from ds_dynrank.task.sft import collate, collate_packed, pack
-    from ds_dynrank.task.sft_eval import evaluate_loss, exact_match
+    from ds_dynrank.task.sft_eval import evaluate_loss, exact_match, greedy_answers
     from ds_dynrank.task.sft_task import build_sft
 
     data = build_sft(
@@ -235,12 +236,14 @@ def _build_sft(args: argparse.Namespace, tokenizer) -> JobData:
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
+    answers: list[dict] = []  # filled by each evaluation, read by write_results
+
     def run(engine) -> dict[str, float]:
         result = evaluate_loss(
             engine, data.eval, batch_size=args.eval_batch_size, pad_id=data.pad_id, device=engine.device
         )
         if data.generate:
-            result["exact_match"] = exact_match(
+            answers[:] = greedy_answers(
                 engine.module,
                 data.generate,
                 decode,
@@ -251,6 +254,7 @@ def _build_sft(args: argparse.Namespace, tokenizer) -> JobData:
                 device=engine.device,
                 synced=engine.zero_optimization_stage() == 3,
             )
+            result["exact_match"] = exact_match(answers)
         return result
 
     def packed(examples: list) -> tuple[list, Callable[[list], dict]]:
@@ -258,7 +262,8 @@ def _build_sft(args: argparse.Namespace, tokenizer) -> JobData:
 
     headline = "exact_match" if data.generate else "eval_loss"
     collate_examples = functools.partial(collate, pad_id=data.pad_id)
-    return JobData("sft", data.train, collate_examples, run, headline, len(data.eval), packed if args.packing else None)
+    pack_rows = packed if args.packing else None
+    return JobData("sft", data.train, collate_examples, run, headline, len(data.eval), pack_rows, answers)
 
 
 def trainer_arguments(args: argparse.Namespace) -> dict:
@@ -323,6 +328,13 @@ def train_peer(engine, data: JobData, args: argparse.Namespace, *, desc: str, be
     final = run_eval(engine)
     history.append({"step": engine.global_steps, **final})
     return baseline, final, history, seconds
+
+
+def write_results(run, job: JobData, metrics: dict) -> None:
+    """metrics.json and, for SFT with exact match, predictions.jsonl (the final evaluation's answers). Rank 0."""
+    run.write_metrics(metrics)
+    if job.answers:
+        run.write_predictions(job.answers)
 
 
 def peer_metrics(data: JobData, engine, baseline: dict, final: dict, history: list, seconds: float, **extra) -> dict:

@@ -63,7 +63,7 @@ def answer_matches(generated: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def exact_match(
+def greedy_answers(
     model,
     examples: Sequence[Example],
     decode: Callable[[list[int]], str],
@@ -74,15 +74,16 @@ def exact_match(
     max_new_tokens: int,
     device,
     synced: bool,
-) -> float:
-    """The share of `examples` whose greedy answer (at most `max_new_tokens`, up to the end-of-turn token) equals
-    their reference answer, over every rank (collective). `synced`: every rank keeps stepping until all finished
-    (ZeRO-3, where each step gathers the weights)."""
+) -> list[dict]:
+    """Every example's greedy answer (at most `max_new_tokens`, up to the end-of-turn token), gathered from every
+    rank (collective), in example order: {index, prompt, answer (the reference), generated, correct}. Kept so that
+    an exact-match number can be checked question by question. `synced`: every rank keeps stepping until all
+    finished (ZeRO-3, where each step gathers the weights)."""
     indices, weights = shard_for_rank(len(examples), dist.rank(), dist.world_size())
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = []
     for start in range(0, len(indices), batch_size):
-        chosen = [examples[i] for i in indices[start : start + batch_size]]
-        ids, mask = left_pad([e.prompt_ids for e in chosen], pad_id)
+        chosen = indices[start : start + batch_size]
+        ids, mask = left_pad([examples[i].prompt_ids for i in chosen], pad_id)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -94,10 +95,17 @@ def exact_match(
             use_cache=True,
             synced_gpus=synced,
         )
-        for e, row, w in zip(chosen, out[:, ids.shape[1] :].tolist(), weights[start : start + batch_size]):
+        for i, row, w in zip(chosen, out[:, ids.shape[1] :].tolist(), weights[start : start + batch_size]):
+            if not w:  # padding: a repeat of an example another step already answered
+                continue
             if eos_id in row:
                 row = row[: row.index(eos_id)]
-            totals[0] += w * answer_matches(decode(row), e.answer)
-            totals[1] += w
-    right, count = dist.all_reduce_sum(totals).cpu().tolist()
-    return right / max(count, 1.0)
+            e, generated = examples[i], decode(row)
+            mine.append({"index": i, "prompt": decode(e.prompt_ids), "answer": e.answer, "generated": generated,
+                         "correct": answer_matches(generated, e.answer)})  # fmt: skip
+    return sorted((a for part in dist.all_gather_object(mine) for a in part), key=lambda a: a["index"])
+
+
+def exact_match(answers: Sequence[dict]) -> float:
+    """The share of `answers` (from `greedy_answers`) that equal their reference."""
+    return sum(a["correct"] for a in answers) / max(len(answers), 1)

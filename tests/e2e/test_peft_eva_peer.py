@@ -66,6 +66,10 @@ def test_peft_eva_redistributes_rank_and_starts_identical_on_every_rank(tiny_cha
         "--output_dir",
         str(out),
         "--gradient_checkpointing",  # the shared flag: the peer honours it too
+        "--eval_generate",  # and exact match, with each answer written beside the metrics
+        "4",
+        "--max_new_tokens",
+        "3",
     ]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -73,6 +77,9 @@ def test_peft_eva_redistributes_rank_and_starts_identical_on_every_rank(tiny_cha
     ranks = json.loads((out / "allocation.json").read_text())
     assert metrics["method"] == "peft-eva" and metrics["steps"] == 6 and metrics["task"] == "sft"
     assert metrics["zero_stage"] == 2 and metrics["world_size"] == 2 and "eval_loss" in metrics
+    answers = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [a["index"] for a in answers] == [0, 1, 2, 3]
+    assert sum(a["correct"] for a in answers) / 4 == metrics["exact_match"]
     assert len(ranks) == 14 and all(name.startswith("model.layers.") and name.endswith("_proj") for name in ranks)
     # PEFT's rule: the r x modules largest explained-variance ratios, at most round(r * rho) per module
     assert metrics["final_budget"] == metrics["initial_budget"] == sum(ranks.values()) == 14 * r

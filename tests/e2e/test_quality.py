@@ -110,6 +110,7 @@ def test_quality_tunes_on_training_rows_then_tests_the_choice(tiny_chat_model_di
     assert sorted(p.parent.relative_to(results) for p in results.rglob("metrics.json")) == runs_done
     for run in runs_done:
         assert {"allocation.json", "quality_run.json"} <= {p.name for p in (results / run).iterdir()}
+        assert (results / run / "predictions.jsonl").is_file() == (run.parts[2] == "test")  # only tests decode
         assert (results / run.parent / "ds_config.json").is_file()
     assert (results / "tuning.json").read_text() == (out / "tuning.json").read_text()
     assert (results / "quality.md").is_file() and (results / "quality_pareto.png").is_file()

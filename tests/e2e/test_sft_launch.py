@@ -70,6 +70,9 @@ def test_sft_default_data_reports_loss_perplexity_and_exact_match(tiny_chat_mode
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-12)
     assert metrics["eval_loss"] < metrics["baseline"]["eval_loss"]  # 8 steps of SFT move the held-out loss
     assert metrics["tokens"] > 8 * 2 * 4 * 20  # 8 steps x 2 ranks x 4 examples of about 40 tokens
+    answers = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]  # from both ranks
+    assert [a["index"] for a in answers] == list(range(8)) and all(a["answer"] and a["prompt"] for a in answers)
+    assert sum(a["correct"] for a in answers) / 8 == metrics["exact_match"]
     scalars, images, histograms = _tensorboard(out)
     assert {f"Eval/{k}" for k in ("loss", "perplexity", "token_accuracy", "exact_match")} <= scalars
     assert {"Train/Samples/tokens_seen", "Train/Samples/tokens_per_sec", "Train/Samples/grad_norm"} <= scalars
@@ -106,6 +109,7 @@ def test_every_method_trains_on_sft_batches(tiny_chat_model_dir, tiny_sft_jsonl,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "sft"
     assert metrics["metric"] == ("exact_match" if "--eval_generate" in extra else "eval_loss")  # a user file: asked
+    assert (out / "predictions.jsonl").is_file() == ("--eval_generate" in extra)  # ZeRO-3's, gathered too
     budgets, modules = [h["budget"] for h in history], 14  # the tiny Llama: 2 layers x 7 linear modules
     if name == "zero2_alora.json":  # the shipped config, its schedule shortened: rounds at 3 and 6 of 8 steps
         assert [h["step"] for h in history] == [0, 3, 6] and metrics["reallocation_events"] == 2

@@ -26,7 +26,7 @@ from ds_dynrank.task.sft import (
     fit,
     pack,
 )
-from ds_dynrank.task.sft_eval import evaluate_loss, exact_match, token_sums
+from ds_dynrank.task.sft_eval import evaluate_loss, exact_match, greedy_answers, token_sums
 from ds_dynrank.task.sft_task import build_sft
 
 
@@ -198,9 +198,11 @@ def test_exact_match_decodes_greedy_answers_up_to_the_end_of_turn():
     examples = [Example([1, 7], [0, 0], [1, 7], "45"), Example([7, 8], [0, 0], [7, 8], "4 "),
                 Example([9], [0], [9], "66")]  # fmt: skip
     decode = "".join  # decode(ids): the digits themselves
-    score = exact_match(Model(), examples, lambda ids: decode(str(i) for i in ids), batch_size=2, pad_id=0,
-                        eos_id=eos, max_new_tokens=4, device="cpu", synced=False)  # fmt: skip
-    assert score == pytest.approx(2 / 3)  # "45" and "4" (stripped) match; "6666" is not "66"
+    answers = greedy_answers(Model(), examples, lambda ids: decode(str(i) for i in ids), batch_size=2, pad_id=0,
+                             eos_id=eos, max_new_tokens=4, device="cpu", synced=False)  # fmt: skip
+    assert [(a["index"], a["prompt"], a["answer"], a["generated"], a["correct"]) for a in answers] == [
+        (0, "17", "45", "45", True), (1, "78", "4 ", "4", True), (2, "9", "66", "6666", False)]  # fmt: skip
+    assert exact_match(answers) == pytest.approx(2 / 3)  # "45" and "4" (stripped) match; "6666" is not "66"
 
 
 BAD_ROWS = [
