@@ -50,8 +50,9 @@ class ScheduleConfig(Section):
 class BudgetConfig(Section):
     unit: Literal["rank", "params"] = "rank"
     """What the budget counts: total rank over all modules (L1RA's sum of r), or total adapter parameters (a rank
-    of a module costs in_features + out_features, so a wide MLP projection costs more than k_proj). Default:
-    `rank`, or `params` for `gora` (its paper's budget)."""
+    of a module costs in_features + out_features, so a wide MLP projection costs more than k_proj). Under `params`,
+    parameters an event frees but cannot spend on whole ranks carry to the next event: the budget holds within
+    one rank of the costliest module. Default: `rank`, or `params` for `gora` (its paper's budget)."""
 
     floor: int = Field(1, ge=0)
     """Smallest rank any module keeps."""

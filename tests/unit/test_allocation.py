@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from ds_dynrank.allocation import Plan, budget_used, identity_plan, l1ra_plan
+from ds_dynrank.allocation import Plan, alora_plan, budget_used, identity_plan, l1ra_plan, random_plan, unspent
 from ds_dynrank.schedule import Schedule, resolve_schedule
 
 
@@ -89,3 +89,41 @@ def test_schedule():
     auto = resolve_schedule(None, None, None, total_steps=100, interval_ratio=0.05)
     assert auto == Schedule(start=5, interval=5, stop=99)
     assert resolve_schedule(2, 3, 4, total_steps=100, interval_ratio=0.05).events() == [2]
+
+
+COSTS = [5, 7, 11, 13] * 3  # a rank's parameters per module: no freed sum buys ranks to the last parameter
+
+
+def _events(plan_of, carried: bool, events: int = 20) -> list[int]:
+    """The parameters in use after each of `events` prune-and-regrow events from rank 2 everywhere."""
+    g = torch.Generator().manual_seed(0)
+    live, initial, used = [[0, 1] for _ in COSTS], budget_used([2] * len(COSTS), COSTS, "params"), []
+    for _ in range(events):
+        carry = unspent(initial, live, COSTS, "params") if carried else 0
+        plan = plan_of([torch.rand(4, generator=g) for _ in COSTS], live, g, carry)
+        live = [list(range(len(k) + n)) for k, n in zip(plan.keep, plan.grow)]
+        used.append(budget_used([len(s) for s in live], COSTS, "params"))
+    return used
+
+
+PARAMS = {"cap_M": [4] * len(COSTS), "cost_M": COSTS, "unit": "params", "floor": 0}
+PLANS = {
+    "l1ra": lambda gates, live, g, carry: l1ra_plan(gates, live, threshold=0.3, carry=carry, **PARAMS),
+    "alora": lambda imp, live, g, carry: alora_plan(imp, live, n_prune=3, carry=carry, **PARAMS),
+    "random": lambda _, live, g, carry: random_plan(live, moves=3, generator=g, carry=carry, **PARAMS),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PLANS))
+def test_a_parameter_budget_is_held_over_many_events_not_worn_down_by_remainders(method):
+    initial = budget_used([2] * len(COSTS), COSTS, "params")
+    held = _events(PLANS[method], carried=True)
+    assert all(initial - max(COSTS) < used <= initial for used in held), held  # within one rank, every event
+    assert min(_events(PLANS[method], carried=False)) < initial - max(COSTS)  # what the remainders cost without
+
+
+def test_only_a_parameter_budget_carries_what_events_left_unspent():
+    live = [[0, 1], [0]]
+    assert unspent(3 * 2 + 5 * 2, live, [3, 5], "params") == 5  # one rank of the second module not spent
+    assert unspent(4, live, [3, 5], "rank") == 0  # a rank budget's shrinking (ALoRA's paper) stays
+    assert unspent(1, live, [3, 5], "params") == 0  # never negative
