@@ -122,7 +122,7 @@ def l1ra_plan(
         keep.append(tuple(sorted(survivors)))
         pruned.append(len(slots) - len(survivors))
         min_gate.append(min((float(g[i]) for i in survivors), default=0.0))
-    freed = carry + sum(p * (1 if unit == "rank" else c) for p, c in zip(pruned, cost_M))
+    freed = carry + budget_used(pruned, cost_M, unit)
     order = sorted(range(len(live)), key=lambda m: (-min_gate[m], m))
     preferred = [m for m in order if not (exclude_pruned and pruned[m])]
     grow = round_robin(freed, (preferred, order), [len(k) for k in keep], cap_M=cap_M, cost_M=cost_M, unit=unit)
@@ -180,7 +180,7 @@ def alora_plan(
     shrinks, as in the paper. `carry`: budget earlier events left unspent (see `unspent`), offered again."""
     keep = _prune_lowest(importance, live, n_prune, floor)
     pruned = [len(a) - len(k) for a, k in zip(live, keep)]
-    freed = carry + sum(p * (1 if unit == "rank" else c) for p, c in zip(pruned, cost_M))
+    freed = carry + budget_used(pruned, cost_M, unit)
     mean = [float(importance[m][slots].mean()) if slots else float("-inf") for m, slots in enumerate(live)]
     untouched = sorted((m for m in range(len(live)) if not pruned[m]), key=lambda m: (-mean[m], m))
     grow = round_robin(freed, (untouched,), [len(k) for k in keep], cap_M=cap_M, cost_M=cost_M, unit=unit)
@@ -289,7 +289,7 @@ def random_plan(
         keep[m].remove(i)
         pruned[m] += 1
     price = [1 if unit == "rank" else c for c in cost_M]
-    left = carry + sum(p * c for p, c in zip(pruned, price))
+    left = carry + budget_used(pruned, cost_M, unit)
     grow = [0] * len(live)
     while True:
         takers = [m for m in range(len(live)) if not pruned[m] and grow[m] < room[m] and price[m] <= left]

@@ -35,6 +35,22 @@ def init(timeout_s: float = 600.0) -> None:
     _unlink_shm_buffer()
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a job that finished, on every rank, while the interpreter is whole.
+
+    Left to the interpreter's teardown, a rank that finishes first closes its connections while a peer may still
+    have its last collective in flight, and the peer aborts (SIGABRT, "terminate called without an active
+    exception"): CI saw a 2-process Trainer run that had saved everything fail so, and torchrun then reports the
+    whole job failed. The barrier holds every rank until all are past their last collective (gloo's first waits
+    for this rank's pending work); the destroy then stops the backend's threads before the teardown.
+    Only on success: after an error a peer may never reach the barrier (torchtitan does likewise).
+    """
+    if not dscomm.is_initialized():
+        return
+    barrier()
+    dscomm.destroy_process_group()
+
+
 def shm_buffer_path(rank: int) -> Path:
     """Where DeepSpeed's CPU shared-memory all-reduce buffer of `rank` lives (ops/csrc/cpu/comm/shm.cpp names it after
     the user and the rendezvous address, as the environment gives it)."""

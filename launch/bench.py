@@ -278,7 +278,7 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
         print(f"\nwritten to {args.out}")
-    dist.barrier()
+    dist.shutdown()  # every rank waits for the table; then the group is left before the interpreter's teardown
     return 0
 
 

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(shape, results)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2))  # after each shape: a cut run keeps some
     print(f"\n[gpu_check] written to {out / 'gpu_check.json'}", flush=True)
+    dist.shutdown()  # before the interpreter's teardown, which can otherwise abort the finished process
     return 0
 
 

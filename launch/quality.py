@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_arms as qa  # noqa: E402
 import quality_tables as qt  # noqa: E402
 
+from ds_dynrank import rundir  # noqa: E402  (names only: it loads no torch)
+
 RUN_RECORD = "quality_run.json"  # next to metrics.json: the command, its wall time and processes
 
 
@@ -259,7 +261,7 @@ def test(args, tasks, data, choices) -> list[qt.Run]:
 # -------------------------------------------------------------------------------------------------------- main
 
 RESULT_FILES = (  # predictions.jsonl: the test runs' answers, so an exact-match number can be checked by question
-    "metrics.json", "predictions.jsonl", "allocation.json", "allocation_history.json", RUN_RECORD, "ds_config.json"
+    rundir.METRICS, rundir.PREDICTIONS, rundir.ALLOCATION, rundir.HISTORY, RUN_RECORD, "ds_config.json"
 )  # fmt: skip
 SUMMARY_FILES = ("quality.json", "quality.md", "quality_pareto.png", "quality_ranks.png")
 

@@ -88,6 +88,7 @@ def main() -> int:
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model()  # collective: a stock PEFT adapter (adapter_config.json, adapter_model.safetensors)
     write_json(Path(args.output_dir) / f"final_rank{dist.rank()}.json", final_state(trainer))  # collective
+    dist.shutdown()  # before the interpreter's teardown, which can otherwise abort the finished process
     return 0
 
 

@@ -77,6 +77,7 @@ def main() -> int:
         return 2
     trainer.save_model()  # collective: a stock PEFT adapter (adapter_config.json, adapter_model.safetensors)
     write_json(Path(args.output_dir) / f"final_rank{dist.rank()}.json", final_state(trainer))  # collective
+    dist.shutdown()  # before the interpreter's teardown, which can otherwise abort the finished process
     return 0
 
 

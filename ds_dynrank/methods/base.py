@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_dynrank.allocation import Plan, identity_plan
+from ds_dynrank.allocation import Plan, identity_plan, unspent
 from ds_dynrank.backends.base import SlotMap
 from ds_dynrank.lora import LoRALinear, adapter_parameters
 from ds_dynrank.schedule import Schedule, resolve_schedule
@@ -42,6 +42,10 @@ class Event:
     active: list[bool]
     bounds: Bounds
     initial_budget: int  # the budget in use when training started
+
+    def unspent(self) -> int:
+        """What earlier events left of the starting budget (allocation.unspent), for the plan to offer again."""
+        return unspent(self.initial_budget, self.live, self.bounds.cost_M, self.bounds.unit)
 
 
 class Method:

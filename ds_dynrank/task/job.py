@@ -554,4 +554,7 @@ def run_main(train: Callable[[argparse.Namespace], object], argv: list[str] | No
             flush=True,
         )
         return 4
+    from ds_dynrank import dist
+
+    dist.shutdown()  # a finished job leaves the process group before the interpreter's teardown (see there)
     return 0

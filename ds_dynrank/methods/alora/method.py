@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_dynrank.allocation import Plan, alora_plan, unspent
+from ds_dynrank.allocation import Plan, alora_plan
 from ds_dynrank.methods.base import Adapters, Event, Method, live_scores
 from ds_dynrank.schedule import Schedule, resolve_schedule
 from ds_dynrank.scores import ablation_importance, per_example_loss
@@ -101,5 +101,5 @@ class ALoRA(Method):
             cap_M=b.cap_M,
             cost_M=b.cost_M,
             unit=b.unit,
-            carry=unspent(event.initial_budget, event.live, b.cost_M, b.unit),
+            carry=event.unspent(),
         )

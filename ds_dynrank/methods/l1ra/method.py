@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_dynrank.allocation import Plan, l1ra_plan, unspent
+from ds_dynrank.allocation import Plan, l1ra_plan
 from ds_dynrank.methods.base import Adapters, Event, Method, live_scores
 
 GATE_GROUP = 1
@@ -50,5 +50,5 @@ class L1RA(Method):
             cost_M=b.cost_M,
             unit=b.unit,
             exclude_pruned=self.cfg.l1ra.exclude_pruned,
-            carry=unspent(event.initial_budget, event.live, b.cost_M, b.unit),
+            carry=event.unspent(),
         )

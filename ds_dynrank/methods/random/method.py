@@ -12,7 +12,7 @@ import bisect
 
 import torch
 
-from ds_dynrank.allocation import Plan, random_plan, unspent
+from ds_dynrank.allocation import Plan, random_plan
 from ds_dynrank.errors import UserInputError
 from ds_dynrank.methods.base import Event, Method
 from ds_dynrank.schedule import Schedule
@@ -54,5 +54,5 @@ class RandomReallocation(Method):
             cap_M=b.cap_M,
             cost_M=b.cost_M,
             unit=b.unit,
-            carry=unspent(event.initial_budget, event.live, b.cost_M, b.unit),
+            carry=event.unspent(),
         )
