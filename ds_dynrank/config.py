@@ -220,8 +220,9 @@ class CoreConfig(Section):
             stray = [k for k in ("schedule", "budget", "reshape") if k in self.model_fields_set]
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only used by a dynamic method, but method is {self.method!r}")
+        readers = {self.method, *self.spec.uses}
         for other in registry.SPECS.values():
-            if other.section is not None and other.name in self.model_fields_set and self.method != other.name:
+            if other.section is not None and other.name in self.model_fields_set and other.name not in readers:
                 raise ValueError(f"{other.name}: only used by method {other.name}, but method is {self.method!r}")
         self.spec.check(self)
         return self

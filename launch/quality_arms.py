@@ -280,6 +280,20 @@ ARMS: dict[str, Arm] = {
         lambda ctx: {**shared(ctx), "capacity": 4 * ctx.r, **_params_budget(ctx, floor=ctx.r // 4, cap=4 * ctx.r)},
         lambda ctx: {"dynrank.gora.warmup_steps": sorted({ctx.part(f) for f in (0.01, 0.03, 0.1)})},
     ),
+    # ours: GoRA's allocation after 1% of the run (GoRA's best warm-up on math r1's validation split), then L1RA's
+    # events every 5% with its bounds; L1RA's knob tuned
+    "gora-l1ra": Arm(
+        "train.py",
+        "zero2_gora_l1ra.json",
+        lambda ctx: {
+            **shared(ctx),
+            "capacity": 4 * ctx.r,
+            **_params_budget(ctx, floor=ctx.r // 4, cap=4 * ctx.r),
+            **_every(ctx),
+            "gora": {"warmup_steps": ctx.part(0.01)},
+        },
+        lambda ctx: {"dynrank.l1ra.l1_lambda": [0.005, 0.05, 0.5]},
+    ),
     # its launcher builds AdaLoraConfig from the config's own "peft_adalora" section (PEFT's names)
     "peft-adalora": Arm(
         "train_peft_adalora.py",

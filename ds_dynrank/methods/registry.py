@@ -18,6 +18,7 @@ METHOD_CONFIGS = (  # the first is the default method: fixed-rank LoRA
     "ds_dynrank.methods.adalora.config",
     "ds_dynrank.methods.gora.config",
     "ds_dynrank.methods.random.config",
+    "ds_dynrank.methods.gora_l1ra.config",
 )
 
 SPECS: dict[str, MethodSpec] = {}

@@ -26,6 +26,7 @@ class MethodSpec:
     grows: bool = False  # can a module's rank rise above its initial rank (the masked backend keeps spare slots)
     validation_field: str = ""  # the field of its section that sizes its scoring batch (see validation_samples)
     budget_unit: str = "rank"  # the default of `dynrank.budget.unit`
+    uses: tuple[str, ...] = ()  # other methods whose sections this one reads (a combination: gora_l1ra)
 
     def check(self, cfg: Any) -> None:
         """Rules across the whole section that this method adds, raised as ValueError naming the field."""

@@ -34,7 +34,7 @@ def test_cost_benchmark_runs_every_variant(tiny_model_dir, tiny_csv, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    methods = ("l1ra", "alora", "modalloc", "adalora", "gora", "random")
+    methods = ("l1ra", "alora", "modalloc", "adalora", "gora", "random", "gora_l1ra")
     assert set(results) == {"lora", *(f"{m}-{b}" for m in methods for b in ("masked", "physical"))}
     assert results["lora"]["step_time_ratio"] == 1.0 and results["lora"]["events"] == 0
     for name, r in results.items():

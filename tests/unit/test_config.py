@@ -28,8 +28,8 @@ def test_defaults_are_plain_lora():
         ({"r": "eight"}, r"dynrank\.r: Input should be a valid integer.*\(got 'eight'\)"),
         (
             {"method": "l2ra"},
-            r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc', 'adalora', 'gora' or 'random' "
-            r"\(got 'l2ra'\)",
+            r"dynrank\.method: Input should be 'lora', 'l1ra', 'alora', 'modalloc', 'adalora', 'gora', 'random' "
+            r"or 'gora_l1ra' \(got 'l2ra'\)",
         ),
         ({"lora_dropout": 1.0}, r"dynrank\.lora_dropout: Input should be less than 1"),
         ({"lora_alpha": 0}, r"dynrank\.lora_alpha: Input should be greater than 0"),

@@ -52,7 +52,9 @@ def test_every_arm_builds_configs_the_job_accepts_at_the_budget(arm, r):
         assert abs(start - ctx.budget) <= qa.tolerance(ctx), (arm, start, ctx.budget)
         if qa.ARMS[arm].section == "dynrank":
             section = from_ds_config(cfg)
-            assert section.budget.unit == ("params" if arm in ("l1ra", "alora", "gora", "random") else "rank")
+            assert section.budget.unit == (
+                "params" if arm in ("l1ra", "alora", "gora", "random", "gora-l1ra") else "rank"
+            )
 
 
 @pytest.mark.parametrize("r", [1, 2, 8])
