@@ -161,6 +161,16 @@ class CoreConfig(Section):
             return max(self.capacity, rank)
         return 2 * rank if self.grows and self.reshape.backend == "masked" else rank
 
+    def check_cap_fits(self) -> None:
+        """For methods that may give one module all of budget.cap (gora, random): the masked backend cannot grow a
+        module past its spare slots."""
+        cap, room = self.budget.cap, min(self.slot_capacity(r) for r in [self.r, *self.rank_pattern.values()])
+        if self.reshape.backend == "masked" and cap is not None and cap > room:
+            raise ValueError(
+                f"budget.cap ({cap}) exceeds the masked backend's capacity ({room} slots): raise capacity to "
+                "at least budget.cap, or use reshape.backend: physical"
+            )
+
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:

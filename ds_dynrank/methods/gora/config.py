@@ -20,17 +20,6 @@ class GoRAConfig(Section):
     paper's), `grad_norm` = the Frobenius norm of G (needs no W)."""
 
 
-def check_cap_fits(cfg) -> None:
-    """The masked backend cannot grow a module past its spare slots, and GoRA may give one module all of budget.cap."""
-    cap = cfg.budget.cap
-    room = min(cfg.slot_capacity(r) for r in [cfg.r, *cfg.rank_pattern.values()])
-    if cfg.reshape.backend == "masked" and cap is not None and cap > room:
-        raise ValueError(
-            f"budget.cap ({cap}) exceeds the masked backend's capacity ({room} slots): raise capacity to "
-            "at least budget.cap, or use reshape.backend: physical"
-        )
-
-
 class GoRASpec(MethodSpec):
     name = "gora"
     summary = (
@@ -46,7 +35,7 @@ class GoRASpec(MethodSpec):
     def check(self, cfg) -> None:
         if "schedule" in cfg.model_fields_set:
             raise ValueError("schedule: method gora allocates once, right after gora.warmup_steps: set that instead")
-        check_cap_fits(cfg)
+        cfg.check_cap_fits()
 
     def every(self, interval: int) -> dict:
         """One event, after `interval` steps (GoRA never allocates twice)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ds_dynrank.methods.gora.config import SPEC as GORA
-from ds_dynrank.methods.gora.config import check_cap_fits
 from ds_dynrank.methods.l1ra.config import SPEC as L1RA
 from ds_dynrank.methods.spec import MethodSpec
 
@@ -28,7 +27,7 @@ class GoRAThenL1RASpec(MethodSpec):
                 "schedule: method gora_l1ra starts its events at gora.warmup_steps: set that, and only "
                 "schedule.interval / schedule.stop for L1RA's events after it"
             )
-        check_cap_fits(cfg)
+        cfg.check_cap_fits()
 
     def every(self, interval: int) -> dict:
         """GoRA after `interval` steps, then L1RA's events as often, pulled hard enough that ranks move."""

@@ -49,13 +49,7 @@ class RandomSpec(MethodSpec):
     grows = True
 
     def check(self, cfg) -> None:
-        cap = cfg.budget.cap
-        room = min(cfg.slot_capacity(r) for r in [cfg.r, *cfg.rank_pattern.values()])
-        if cfg.reshape.backend == "masked" and cap is not None and cap > room:
-            raise ValueError(
-                f"budget.cap ({cap}) exceeds the masked backend's capacity ({room} slots): raise capacity to "
-                "at least budget.cap, or use reshape.backend: physical"
-            )
+        cfg.check_cap_fits()
 
 
 SPEC = RandomSpec()
