@@ -223,6 +223,18 @@ def assert_ranks_identical(directory: Path, prefix: str, stages) -> None:
                 assert torch.equal(a, b), f"ranks disagree on {key} under ZeRO-{stage}"
 
 
+def load_agreeing_ranks(directory: Path, prefix: str) -> tuple[dict, dict]:
+    """Each rank saved {run key: {"history", "state", ...}} as `<prefix>_rank<r>.pt`: both ranks must have taken the
+    same allocation decisions and end with bit-identical adapters. Returns (rank 0's, rank 1's)."""
+    mine, other = torch.load(directory / f"{prefix}_rank0.pt"), torch.load(directory / f"{prefix}_rank1.pt")
+    assert mine.keys() == other.keys()
+    for key, result in mine.items():
+        assert result["history"] == other[key]["history"], f"{key}: ranks disagree on the allocation"
+        for name, tensor in result["state"].items():
+            assert torch.equal(tensor, other[key]["state"][name]), f"{key}: ranks disagree on {name}"
+    return mine, other
+
+
 def build_dynrank(
     stage: int,
     section: dict,

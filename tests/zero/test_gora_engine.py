@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_dynrank, tiny_llama
+from helpers import build_dynrank, load_agreeing_ranks, tiny_llama
 
 from ds_dynrank.allocation import proportional_ranks
 from ds_dynrank.scores import gradient_importance
@@ -57,13 +57,10 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
 @pytest.mark.deepspeed
 def test_one_event_after_warm_up_from_both_ranks_gradients(run_distributed, tmp_path):
     run_distributed(_worker, tmp_path)
-    mine, other = torch.load(tmp_path / "gora_rank0.pt"), torch.load(tmp_path / "gora_rank1.pt")
+    mine, other = load_agreeing_ranks(tmp_path, "gora")
     weights = dict(tiny_llama(seed=0).named_parameters())  # the frozen base weights, never trained
     for key, result in mine.items():
-        assert result["history"] == other[key]["history"], f"{key}: ranks disagree on the allocation"
         assert torch.equal(result["importance"], other[key]["importance"]), key
-        for name, tensor in result["state"].items():
-            assert torch.equal(tensor, other[key]["state"][name]), f"{key}: ranks disagree on {name}"
         history = result["history"]
         assert [h["step"] for h in history] == [0, WARMUP], key  # one event, right after the warm-up
         assert history[1]["ranks"] != history[0]["ranks"], f"{key}: no rank moved"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_dynrank
+from helpers import build_dynrank, load_agreeing_ranks
 
 from ds_dynrank.allocation import proportional_ranks
 
@@ -54,11 +54,8 @@ def _worker(rank: int, world: int, out_dir: Path) -> None:
 @pytest.mark.deepspeed
 def test_gora_allocates_once_then_l1ra_refines_within_the_budget(run_distributed, tmp_path):
     run_distributed(_worker, tmp_path)
-    mine, other = torch.load(tmp_path / "gora_l1ra_rank0.pt"), torch.load(tmp_path / "gora_l1ra_rank1.pt")
+    mine, _ = load_agreeing_ranks(tmp_path, "gora_l1ra")
     for key, result in mine.items():
-        assert result["history"] == other[key]["history"], f"{key}: ranks disagree on the allocation"
-        for name, tensor in result["state"].items():
-            assert torch.equal(tensor, other[key]["state"][name]), f"{key}: ranks disagree on {name}"
         history = result["history"]
         assert [h["step"] for h in history] == [0, 2, 4, 6, 8], key  # GoRA at the warm-up's end, then L1RA's
         budget = history[0]["budget"]

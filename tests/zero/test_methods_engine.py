@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_dynrank
+from helpers import build_dynrank, load_agreeing_ranks
 
 RUNS = [(0, "masked"), (1, "physical"), (2, "masked"), (3, "masked"), (2, "physical"), (3, "physical")]
 STEPS = 10
@@ -86,11 +86,7 @@ def _worker(rank: int, world: int, out_dir: Path, method: str) -> None:
 
 def run(run_distributed, tmp_path, method: str) -> dict:
     run_distributed(_worker, tmp_path, method)
-    mine, other = torch.load(tmp_path / f"{method}_rank0.pt"), torch.load(tmp_path / f"{method}_rank1.pt")
-    for key in mine:
-        assert mine[key]["history"] == other[key]["history"], f"{key}: ranks disagree on the allocation"
-        for name, tensor in mine[key]["state"].items():
-            assert torch.equal(tensor, other[key]["state"][name]), f"{key}: ranks disagree on {name}"
+    mine, _ = load_agreeing_ranks(tmp_path, method)
     return mine
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_dynrank
+from helpers import build_dynrank, load_agreeing_ranks
 
 STEPS, START, INTERVAL = 5, 2, 2  # events at steps 2 and 4 (the schedule stops at step 4)
 RUNS = {(2, "masked"): 3, (3, "physical"): [2, 5]}
@@ -53,11 +53,8 @@ def test_scheduled_random_moves_hold_the_budget_on_both_ranks(run_distributed, t
     from ds_dynrank.methods.base import Bounds, Event, build_method
 
     run_distributed(_worker, tmp_path)
-    mine, other = torch.load(tmp_path / "random_rank0.pt"), torch.load(tmp_path / "random_rank1.pt")
+    mine, _ = load_agreeing_ranks(tmp_path, "random")
     for key, result in mine.items():
-        assert result["history"] == other[key]["history"], f"{key}: ranks disagree on the allocation"
-        for name, tensor in result["state"].items():
-            assert torch.equal(tensor, other[key]["state"][name]), f"{key}: ranks disagree on {name}"
         history, moves = result["history"], RUNS[key]
         per_event = moves if isinstance(moves, list) else [moves, moves]
         assert [h["step"] for h in history] == [0, START, START + INTERVAL], key
