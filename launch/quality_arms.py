@@ -225,6 +225,11 @@ def _every(ctx: Ctx) -> dict:
     return {"schedule": {"interval": ctx.part(0.05)}}
 
 
+def _gora_bounds(ctx: Ctx) -> dict:
+    """GoRA's settings at the budget: room to grow to 4r (its cap), a floor of r/4, the budget in parameters."""
+    return {**shared(ctx), "capacity": 4 * ctx.r, **_params_budget(ctx, floor=ctx.r // 4, cap=4 * ctx.r)}
+
+
 ARMS: dict[str, Arm] = {
     "lora": Arm("train.py", "zero2.json", shared, kind="lora"),
     "rslora": Arm("train.py", "zero2.json", lambda ctx: {**shared(ctx), "use_rslora": True}, kind="static"),
@@ -277,7 +282,7 @@ ARMS: dict[str, Arm] = {
     "gora": Arm(
         "train.py",
         "zero2_gora.json",
-        lambda ctx: {**shared(ctx), "capacity": 4 * ctx.r, **_params_budget(ctx, floor=ctx.r // 4, cap=4 * ctx.r)},
+        _gora_bounds,
         lambda ctx: {"dynrank.gora.warmup_steps": sorted({ctx.part(f) for f in (0.01, 0.03, 0.1)})},
     ),
     # ours: GoRA's allocation after 1% of the run (GoRA's best warm-up on math r1's validation split), then L1RA's
@@ -285,13 +290,7 @@ ARMS: dict[str, Arm] = {
     "gora-l1ra": Arm(
         "train.py",
         "zero2_gora_l1ra.json",
-        lambda ctx: {
-            **shared(ctx),
-            "capacity": 4 * ctx.r,
-            **_params_budget(ctx, floor=ctx.r // 4, cap=4 * ctx.r),
-            **_every(ctx),
-            "gora": {"warmup_steps": ctx.part(0.01)},
-        },
+        lambda ctx: {**_gora_bounds(ctx), **_every(ctx), "gora": {"warmup_steps": ctx.part(0.01)}},
         lambda ctx: {"dynrank.l1ra.l1_lambda": [0.005, 0.05, 0.5]},
     ),
     # its launcher builds AdaLoraConfig from the config's own "peft_adalora" section (PEFT's names)
