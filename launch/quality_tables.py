@@ -359,6 +359,7 @@ def _section(task: str, budget: str, t: dict) -> list[str]:
 def plot_pareto(path: Path, tables: dict) -> None:
     """Headline metric against live adapter parameters per arm, every budget of a task on one panel."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(8, 4.2 * max(1, len(tables))), dpi=100)
     for i, (task, budgets) in enumerate(tables.items()):
@@ -374,7 +375,12 @@ def plot_pareto(path: Path, tables: dict) -> None:
             pts.sort()
             xs, ys, es = zip(*pts)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=arm, linewidth=1)
-        ax.set_xscale("log")
+        for t in budgets.values():  # where equal parameters lies
+            ax.axvline(t["budget_parameters"], color="grey", linestyle=":", linewidth=1)
+        xs = [x for pts in points.values() for x, _, _ in pts]
+        if xs and max(xs) > 3 * min(xs):  # log only where the budgets differ: one budget's arms sit within a few %
+            ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.set_xlabel("live adapter parameters at the end")
         lower = next(iter(budgets.values()))["lower_is_better"]
         ax.set_ylabel(f"{head} ({'lower' if lower else 'higher'} is better)")
