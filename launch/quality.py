@@ -23,13 +23,13 @@ Each run is the real main job (launch/train.py, or the peer's launcher) under th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ from ds_dynrank import rundir  # noqa: E402  (names only: it loads no torch)
 RUN_RECORD = "quality_run.json"  # next to metrics.json: the command, its wall time and processes
 
 
-@dataclass
+@dataclasses.dataclass
 class Job:
     """One run: where it goes and what it starts from."""
 
@@ -57,6 +57,7 @@ class Job:
     dataset: str
     script: str
     cfg: dict
+    config_name: str = "ds_config.json"  # beside the seeds; one per seed where the config follows the seed
 
     def path(self, out: Path) -> Path:
         return out / self.task / self.budget / self.phase / self.arm / self.trial / f"seed{self.seed}"
@@ -172,7 +173,7 @@ def run_one(args, job: Job, task: qa.Task, template: str | None) -> qt.Run:
     if not run.metrics.is_file():
         if args.summarise_only:
             return result
-        config_path = out.parent / "ds_config.json"
+        config_path = out.parent / job.config_name
         write_json(config_path, job.cfg)
         cmd = command(args, job, config_path, out, task, template)
         print(f"[quality] start {job.phase} {job.task} {job.budget} {job.arm} {job.trial} seed {job.seed}", flush=True)
@@ -209,6 +210,15 @@ def run_one(args, job: Job, task: qa.Task, template: str | None) -> qt.Run:
     return result
 
 
+def seeded(job: Job) -> Job:
+    """The job with its seed's config (the random control's decisions drawn from the seed), written beside the
+    arm's other seeds under its own name."""
+    if not qa.seed_dependent(job.arm, job.cfg):
+        return job
+    cfg = qa.for_seed(job.arm, job.cfg, job.seed)
+    return dataclasses.replace(job, cfg=cfg, config_name=f"ds_config.seed{job.seed}.json")
+
+
 def best(trials: list[tuple[float, dict, str]], lower_is_better: bool) -> tuple[float, dict, str]:
     """The best of (headline value, settings, label) trials; on a tie, the first."""
     sign = 1 if lower_is_better else -1
@@ -224,8 +234,8 @@ def tune(args, tasks, data, built) -> tuple[list[qt.Run], dict]:
                 trials = []
                 for settings in built[budget][arm]:
                     script, cfg = qa.build_config(arm, args.ctxs[budget], settings)
-                    job = Job(label, budget, "tune", arm, qa.trial_label(settings), args.tune_seed,
-                              data[label]["validation"], script, cfg)  # fmt: skip
+                    job = seeded(Job(label, budget, "tune", arm, qa.trial_label(settings), args.tune_seed,
+                                     data[label]["validation"], script, cfg))  # fmt: skip
                     run = run_one(args, job, task, data[label].get("template"))
                     runs.append(run)
                     if run.metrics and task.headline in run.metrics:
@@ -253,7 +263,9 @@ def test(args, tasks, data, choices) -> list[qt.Run]:
                     continue
                 script, cfg = qa.build_config(arm, args.ctxs[budget], choice["settings"])
                 for seed in args.seeds:
-                    job = Job(label, budget, "test", arm, choice["trial"], seed, data[label]["test"], script, cfg)
+                    job = seeded(
+                        Job(label, budget, "test", arm, choice["trial"], seed, data[label]["test"], script, cfg)
+                    )
                     runs.append(run_one(args, job, task, data[label].get("template")))
     return runs
 
@@ -274,7 +286,7 @@ def publish(out: Path, results: Path, choices: Path) -> int:
     copied = 0
     wanted = [out / name for name in SUMMARY_FILES] + [choices]
     for done in out.glob("*/*/*/*/*/seed*/metrics.json"):  # finished runs only: one in progress is left out
-        wanted += [done.parent / name for name in RESULT_FILES] + [done.parent.parent / "ds_config.json"]
+        wanted += [done.parent / name for name in RESULT_FILES] + list(done.parent.parent.glob("ds_config*.json"))
     for source in wanted:
         if source.is_file() and "checkpoints" not in source.parts:
             target = results / (source.name if source in (choices,) else source.relative_to(out))
@@ -351,7 +363,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.launcher == "python":
         args.nproc = 1
-    args.arms = args.arms.split(",")
+    args.arms = qa.split_arms(args.arms)
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.choices = Path(args.choices) if args.choices else Path(args.out) / "tuning.json"

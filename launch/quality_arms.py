@@ -322,6 +322,17 @@ BASELINE = "lora"
 # ----------------------------------------------------------------------------------------------------- trials
 
 
+def split_arms(text: str) -> list[str]:
+    """'lora,random+moves=[0,2,5]' -> ['lora', 'random+moves=[0,2,5]']: the commas inside a JSON list stay its."""
+    arms, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            arms.append(text[start:i])
+            start = i + 1
+    return [*arms, text[start:]]
+
+
 def parse_arm(spec: str) -> tuple[str, dict]:
     """'l1ra+l1_lambda=0.05' -> ('l1ra', {'l1_lambda': 0.05}): an arm and fixed overrides of its method's section."""
     from ds_dynrank.tools.overrides import split_overrides
@@ -395,6 +406,21 @@ def build_config(spec: str, ctx: Ctx, settings: dict[str, Any]) -> tuple[str, di
         cfg["dynrank"] = apply_overrides(cfg["dynrank"], method, overrides)
     from_ds_config(cfg)  # a bad key or value is a UserInputError naming the field, before any run starts
     return arm.script, cfg
+
+
+def seed_dependent(spec: str, cfg: dict) -> bool:
+    """Whether a run's config follows its seed: the random control's decisions do (unless the spec fixes
+    `random.seed`), so its test seeds sample the draws as well as the initialisation and the data order."""
+    return cfg.get("dynrank", {}).get("method") == "random" and "seed" not in parse_arm(spec)[1]
+
+
+def for_seed(spec: str, cfg: dict, seed: int) -> dict:
+    """The config of one seed's run: the arm's own, with the random control's decisions drawn from the seed."""
+    if not seed_dependent(spec, cfg):
+        return cfg
+    seeded = json.loads(json.dumps(cfg))
+    seeded["dynrank"].setdefault("random", {})["seed"] = seed
+    return seeded
 
 
 def arm_kind(spec: str) -> str:

@@ -1,5 +1,6 @@
 """`python -m ds_dynrank prepare` builds the offline default assets; `config-table` prints the README's table;
-`export` writes a PEFT adapter; `report` draws a run's rank allocation."""
+`export` writes a PEFT adapter; `report` draws a run's rank allocation; `replay-moves` prints a run's move sizes
+for the random control's `random.moves`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="figures and a markdown summary of a run's rank allocation")
     report.add_argument("run_dir", help="a run's output directory (holds allocation_history.json)")
     report.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
+    replay = sub.add_parser("replay-moves", help="a run's move sizes per event, as JSON for random.moves")
+    replay.add_argument("run_dir", help="a finished dynamic run's output directory (holds allocation_history.json)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             from ds_dynrank.tools.report import write_report
 
             print(f"report: {write_report(args.run_dir, args.out)}")
+        elif args.command == "replay-moves":
+            import json
+
+            from ds_dynrank.tools.replay import replay_moves
+
+            print(json.dumps(replay_moves(args.run_dir), separators=(",", ":")))
         elif args.command == "config-table":
             from ds_dynrank.config import schema_table
 

@@ -195,3 +195,29 @@ def test_the_choice_is_the_best_trial_by_the_headline_and_the_first_on_a_tie():
     trials = [(0.9, {"lr": 1e-3}, "a"), (0.5, {"lr": 3e-3}, "b"), (0.5, {"lr": 3e-4}, "c"), (0.7, {}, "d")]
     assert quality.best(trials, lower_is_better=True)[2] == "b"
     assert quality.best(trials, lower_is_better=False)[2] == "a"
+
+
+def test_the_random_controls_seeds_draw_their_own_decisions_and_keep_their_own_configs():
+    ctx = qa.Ctx(1, 300, COSTS)
+    _, cfg = qa.build_config("random", ctx, {"lr": 3e-3, "dynrank.random.moves": 21})
+    job = quality.Job("math", "r1", "test", "random", "lr0.003+moves=21", 2, "test.jsonl", "train.py", cfg)
+    seeded = quality.seeded(job)
+    assert seeded.cfg["dynrank"]["random"] == {**cfg["dynrank"]["random"], "seed": 2}
+    assert cfg["dynrank"]["random"]["seed"] == 0  # the arm's config itself is untouched
+    assert seeded.config_name == "ds_config.seed2.json" and from_ds_config(seeded.cfg).random.seed == 2
+    fixed = quality.Job("math", "r1", "test", "random+seed=5", "lr0.003", 2, "t", "train.py",
+                        qa.build_config("random+seed=5", ctx, {"lr": 3e-3})[1])  # fmt: skip
+    assert quality.seeded(fixed) == fixed  # a spec that fixes the decisions' seed keeps it on every seed
+    _, l1ra = qa.build_config("l1ra", ctx, {"lr": 3e-3})
+    assert quality.seeded(quality.Job("math", "r1", "test", "l1ra", "lr0.003", 2, "t", "train.py", l1ra)).cfg is l1ra
+
+
+def test_a_replayed_list_of_moves_survives_the_arms_flag_and_fixes_that_knob():
+    moves = [0, 1, 5, 3, 8, 6, 6, 10, 13, 11, 18, 19, 31, 13, 19, 13, 30, 15, 14]
+    spec = "random+moves=" + ",".join(map(str, moves)).join("[]")
+    assert qa.split_arms(f"lora,{spec},gora") == ["lora", spec, "gora"]
+    assert quality.parse_args(["--arms", f"lora,{spec}"]).arms == ["lora", spec]
+    ctx = qa.Ctx(1, 300, COSTS)
+    trials = qa.trials(spec, ctx, LRS)
+    assert trials == [{"lr": lr} for lr in LRS] and qa.trial_label(trials[2]) == "lr0.003"
+    assert from_ds_config(qa.build_config(spec, ctx, trials[2])[1]).random.moves == moves

@@ -18,8 +18,8 @@ class RandomConfig(Section):
     moves: int | list[int] | None = None
     """Slots moved at each event: that many live slots pruned at random, as many grown in random modules. A list
     gives one count per event, in order (0: that event moves nothing), to replay a dynamic method's move sizes from
-    its allocation_history.json (under a rank budget, half of each event's slots_changed); it must cover every event
-    of the run. Default: one per adapted module (ALoRA's default round)."""
+    its allocation_history.json (half of each event's slots_changed: `python -m ds_dynrank replay-moves RUN_DIR`
+    prints it); it must cover every event of the run. Default: one per adapted module (ALoRA's default round)."""
 
     seed: int = Field(0, ge=0)
     """Seed of the decisions: each event draws from a generator seeded by (seed, step), so a run, and a resumed
