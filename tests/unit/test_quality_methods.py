@@ -221,3 +221,17 @@ def test_a_replayed_list_of_moves_survives_the_arms_flag_and_fixes_that_knob():
     trials = qa.trials(spec, ctx, LRS)
     assert trials == [{"lr": lr} for lr in LRS] and qa.trial_label(trials[2]) == "lr0.003"
     assert from_ds_config(qa.build_config(spec, ctx, trials[2])[1]).random.moves == moves
+
+
+def test_publishing_copies_each_seeds_own_config_beside_the_shared_one(tmp_path):
+    trial = tmp_path / "out" / "math" / "r1" / "test" / "random" / "lr0.003+moves=21"
+    for seed in (0, 1):
+        (trial / f"seed{seed}").mkdir(parents=True)
+        (trial / f"seed{seed}" / "metrics.json").write_text("{}")
+        (trial / f"ds_config.seed{seed}.json").write_text("{}")
+    (trial / "ds_config.json").write_text("{}")
+    (trial / "ds_config.seed2.json").write_text("{}")  # the seed of a run still going: published with its trial
+    results = tmp_path / "results"
+    quality.publish(tmp_path / "out", results, tmp_path / "out" / "tuning.json")
+    copied = sorted(p.name for p in (results / trial.relative_to(tmp_path / "out")).glob("ds_config*.json"))
+    assert copied == ["ds_config.json", "ds_config.seed0.json", "ds_config.seed1.json", "ds_config.seed2.json"]
